@@ -1,0 +1,136 @@
+"""Running agent code: a child process per execution, in the run's own folder.
+
+Each code block is written to a script under ``.code/`` in the working
+directory and run by a fresh interpreter (``-I``: no user site, no PYTHON*
+variables) with a wall-time limit and resource limits. Files the code writes
+in the working directory become artifacts.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
+OUTPUT_LIMIT = 20_000  # characters of stdout/stderr kept per execution
+
+
+@dataclass(slots=True)
+class ExecutionResult:
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def summary(self) -> str:
+        if self.timed_out:
+            head = "Execution stopped: time limit exceeded."
+        else:
+            head = f"exitcode: {self.exit_code} ({'execution succeeded' if self.ok else 'execution failed'})"
+        parts = [head]
+        if self.stdout:
+            parts.append("Code output:\n" + self.stdout)
+        if self.stderr:
+            parts.append("Errors:\n" + self.stderr)
+        if self.artifacts:
+            parts.append("Files written: " + ", ".join(a["path"] for a in self.artifacts))
+        return "\n".join(parts)
+
+
+def _limit_child(memory_bytes: int, cpu_seconds: int) -> None:
+    # Runs in the child between fork and exec: a session of its own so that the
+    # whole process group can be killed, and hard limits on memory and CPU.
+    os.setsid()
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+
+
+def _snapshot(work_dir: Path) -> dict[str, tuple[int, int]]:
+    files = {}
+    for path in work_dir.rglob("*"):
+        rel = path.relative_to(work_dir)
+        if rel.parts[0] == ".code" or not path.is_file():
+            continue
+        stat = path.stat()
+        files[rel.as_posix()] = (stat.st_mtime_ns, stat.st_size)
+    return files
+
+
+def _artifact(work_dir: Path, rel: str) -> dict[str, Any]:
+    path = work_dir / rel
+    data = path.read_bytes()
+    return {
+        "path": rel,
+        "kind": "image" if path.suffix.lower() in IMAGE_SUFFIXES else "data",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+class CodeRunner:
+    """Runs Python code blocks for one run, each in a child process."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        timeout: float = 30.0,
+        memory_bytes: int = 1024 * 1024 * 1024,
+    ) -> None:
+        self.work_dir = Path(work_dir)
+        self.timeout = timeout
+        self.memory_bytes = memory_bytes
+        self.executions = 0
+
+    async def execute(self, code: str) -> ExecutionResult:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        scripts = self.work_dir / ".code"
+        scripts.mkdir(exist_ok=True)
+        self.executions += 1
+        script = scripts / f"block_{self.executions:03d}.py"
+        script.write_text(code, encoding="utf-8")
+        before = _snapshot(self.work_dir)
+        cpu = int(self.timeout) + 1
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",
+            str(script),
+            cwd=self.work_dir,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MPLBACKEND": "Agg", "HOME": str(self.work_dir)},
+            preexec_fn=lambda: _limit_child(self.memory_bytes, cpu),
+        )
+        timed_out = False
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=self.timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = await proc.communicate()
+            if not timed_out:
+                raise
+        after = _snapshot(self.work_dir)
+        changed = sorted(rel for rel, sig in after.items() if before.get(rel) != sig)
+        return ExecutionResult(
+            exit_code=proc.returncode,
+            stdout=out.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
+            stderr=err.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
+            timed_out=timed_out,
+            artifacts=[_artifact(self.work_dir, rel) for rel in changed],
+        )

@@ -1,0 +1,151 @@
+"""The run worker: claims queued runs through the database lease and executes them.
+
+On the embedded default it lives inside the Daphne process (``manage.py serve``
+starts it on the server's event loop); scaled out it runs in processes of its
+own. Either way the worker, not a socket or a request, owns every run: closing
+a browser changes nothing.
+
+Each engine event is written (Event row + state checkpoint, one transaction)
+and announced to the session's group after commit by the service.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from orchestrator.engine import SwarmOrchestrator
+from orchestrator.engine.events import EventKind
+from sessions import services
+from sessions.groups import WORKER_CHANNEL
+from sessions.models import Run, Session
+
+logger = logging.getLogger(__name__)
+
+TAIL_KINDS = {EventKind.TASK, EventKind.MESSAGE, EventKind.HANDOFF, EventKind.TOOL_CALL, EventKind.TOOL_RESULT}
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@database_sync_to_async
+def _load_session(session_id) -> Session:
+    return Session.objects.get(pk=session_id)
+
+
+class RunWorker:
+    """Claims runs and executes up to ``max_runs`` of them at once."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str | None = None,
+        max_runs: int | None = None,
+        lease_seconds: int | None = None,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self.worker_id = worker_id or new_worker_id()
+        self.max_runs = max_runs or settings.WORKER_MAX_RUNS
+        self.lease_seconds = lease_seconds or settings.WORKER_LEASE_SECONDS
+        self.poll_interval = poll_interval
+        # What this process is doing right now; dropped as each run ends.
+        self.active: dict[int, asyncio.Task[None]] = {}
+
+    async def serve(self) -> None:
+        """Claim and run work until cancelled."""
+        layer = get_channel_layer()
+        logger.info("worker %s serving (up to %d runs)", self.worker_id, self.max_runs)
+        while True:
+            await self.claim_available()
+            try:
+                if layer is None:
+                    await asyncio.sleep(self.poll_interval)
+                else:
+                    await asyncio.wait_for(layer.receive(WORKER_CHANNEL), timeout=self.poll_interval)
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a channel-layer outage must not stop the worker; polling goes on
+                logger.warning("worker %s could not read its channel; polling", self.worker_id, exc_info=True)
+                await asyncio.sleep(self.poll_interval)
+
+    async def claim_available(self) -> None:
+        while len(self.active) < self.max_runs:
+            try:
+                run = await database_sync_to_async(services.run_claim)(
+                    worker_id=self.worker_id, lease_seconds=self.lease_seconds
+                )
+            except Exception:  # noqa: BLE001 - the database may be restarting; try again next poll
+                logger.warning("worker %s could not claim runs", self.worker_id, exc_info=True)
+                return
+            if run is None:
+                return
+            task = asyncio.get_running_loop().create_task(self.execute(run), name=f"run-{run.pk}")
+            self.active[run.pk] = task
+            task.add_done_callback(lambda _t, pk=run.pk: self.active.pop(pk, None))
+
+    async def _heartbeat(self, run_id: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            held = await database_sync_to_async(services.run_heartbeat)(
+                run_id=run_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
+            )
+            if not held:
+                logger.warning("worker %s lost the lease of run %s", self.worker_id, run_id)
+                return
+
+    async def execute(self, run: Run) -> None:
+        """Run the engine for ``run`` and persist every event it yields."""
+        session = await _load_session(run.session_id)
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run.pk))
+        tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
+        append = database_sync_to_async(services.event_append)
+        status, detail = Run.Status.FAILED, ""
+        try:
+            engine = SwarmOrchestrator(
+                task=session.task,
+                mode=session.mode,
+                work_dir=Path(settings.RUNS_DIR) / str(session.pk),
+                max_turns=session.config.get("max_turns"),
+            )
+            async for event, checkpoint in engine.run():
+                if event.kind in TAIL_KINDS:
+                    tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
+                await append(
+                    session_id=session.pk,
+                    run_id=run.pk,
+                    event=event,
+                    checkpoint=checkpoint,
+                    conversation_tail=list(tail),
+                )
+            outcome = engine.outcome
+            if outcome is None:
+                detail = "The team stopped without saying why."
+            elif outcome.status == "completed":
+                status, detail = Run.Status.COMPLETED, "The team finished the task."
+            elif outcome.status == "paused":
+                status, detail = Run.Status.PAUSED, outcome.reason
+            else:
+                detail = outcome.reason
+        except asyncio.CancelledError:
+            status, detail = Run.Status.CANCELLED, "The worker stopped."
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded as the run's failure, with its cause
+            logger.exception("run %s failed", run.pk)
+            detail = f"{type(exc).__name__}: {exc}"
+        finally:
+            heartbeat.cancel()
+            if status != Run.Status.CANCELLED:
+                await database_sync_to_async(services.run_finish)(
+                    run_id=run.pk, worker_id=self.worker_id, status=status, detail=detail
+                )

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from django.contrib import admin
+
+from sessions.models import Event, Run, Session, SessionState
+
+
+class RunInline(admin.TabularInline):
+    model = Run
+    extra = 0
+    can_delete = False
+    readonly_fields = ["number", "status", "lease_owner", "lease_expires_at", "heartbeat_at", "error", "started_at", "finished_at"]
+
+
+@admin.register(Session)
+class SessionAdmin(admin.ModelAdmin):
+    list_display = ["title", "owner", "mode", "status", "last_seq", "created_at"]
+    list_filter = ["status", "mode"]
+    search_fields = ["title", "task", "owner__username"]
+    readonly_fields = ["id", "last_seq", "prompt_tokens", "completion_tokens", "cost_usd", "created_at", "updated_at"]
+    inlines = [RunInline]
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):
+    list_display = ["session", "seq", "kind", "agent", "created_at"]
+    list_filter = ["kind"]
+    search_fields = ["session__id", "agent", "content"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # the log is append-only
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(SessionState)
+class SessionStateAdmin(admin.ModelAdmin):
+    list_display = ["session", "version", "current_phase", "current_step", "updated_at"]
+    readonly_fields = ["version", "updated_at"]

@@ -1,0 +1,129 @@
+"""The session socket: pushes transcript fragments rendered from Event rows.
+
+The socket never owns a run. It subscribes to the session's group, waits for
+the page to say which seq it already shows (``{"type": "hello", "after": N}``,
+sent on every connect and reconnect), then sends every event after that seq
+and, on each "seq N is ready" note, whatever is new since. Notes are only
+hints: rows are always read from the database, so nothing falls between a
+page load and a push, and nothing is sent twice on one socket.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.template.loader import render_to_string
+
+from sessions.groups import session_group
+from sessions.models import Session
+from sessions.selectors import events_after, session_for_user
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+BATCH = 200
+MAX_FRAME = 4096  # the client only ever sends tiny control frames
+
+
+@database_sync_to_async
+def _visible_session(session_id: uuid.UUID, user) -> Session | None:
+    return session_for_user(session_id, user)
+
+
+@database_sync_to_async
+def _render_after(session_id: uuid.UUID, after: int) -> tuple[str, int, int]:
+    """Fragments for up to BATCH events after ``after``: (html, new cursor, count)."""
+    rows = events_after(session_id, after, limit=BATCH)
+    if not rows:
+        return "", after, 0
+    session = Session.objects.select_related("state").get(pk=session_id)
+    html = render_to_string("sessions/push.html", {"events": rows, "session": session})
+    return html, rows[-1].seq, len(rows)
+
+
+class SessionConsumer(AsyncWebsocketConsumer):
+    group: str | None = None
+    cursor: int | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        raw_id = self.scope["url_route"]["kwargs"].get("session_id", "")
+        if user is None or not user.is_authenticated:
+            logger.info("session socket refused: not logged in (session %r)", raw_id)
+            await self._refuse(CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            session_id = uuid.UUID(raw_id)
+        except ValueError:
+            logger.info("session socket refused: %r is not a session id (user %s)", raw_id, user.pk)
+            await self._refuse(CLOSE_NOT_FOUND)
+            return
+        if await _visible_session(session_id, user) is None:
+            logger.info("session socket refused: user %s may not see session %s", user.pk, session_id)
+            await self._refuse(CLOSE_FORBIDDEN)
+            return
+        self.session_id = session_id
+        self.group = session_group(session_id)
+        # Subscribe first, then read: nothing committed in between is missed.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def _refuse(self, code: int) -> None:
+        # Accept, then close with an application code: a refusal during the
+        # handshake reaches the browser as 1006, which htmx would retry forever.
+        await self.accept()
+        await self.close(code=code)
+
+    async def disconnect(self, code: int) -> None:
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None or len(text_data) > MAX_FRAME:
+            await self._reject_frame("frames must be short JSON text")
+            return
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            await self._reject_frame("not JSON")
+            return
+        if not isinstance(frame, dict):
+            await self._reject_frame("not a JSON object")
+            return
+        if frame.get("type") == "hello":
+            after = frame.get("after", 0)
+            if isinstance(after, str) and after.isdigit():
+                after = int(after)
+            if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+                await self._reject_frame("hello.after must be a whole number")
+                return
+            self.cursor = after
+            await self.catch_up()
+        elif frame.get("type") == "ping":
+            await self.send(text_data=json.dumps({"type": "pong"}))
+        else:
+            await self._reject_frame(f"unknown frame type {str(frame.get('type'))[:40]!r}")
+
+    async def _reject_frame(self, why: str) -> None:
+        logger.info("session socket %s: malformed frame (%s)", getattr(self, "session_id", "?"), why)
+        html = render_to_string("sessions/socket_error.html", {"message": f"The page sent a message the server could not read: {why}."})
+        await self.send(text_data=html)
+
+    async def session_event(self, message: dict) -> None:
+        if self.cursor is not None and message.get("seq", 0) > self.cursor:
+            await self.catch_up()
+
+    async def catch_up(self) -> None:
+        assert self.cursor is not None
+        while True:
+            html, cursor, count = await _render_after(self.session_id, self.cursor)
+            if count:
+                await self.send(text_data=html)
+                self.cursor = cursor
+            if count < BATCH:
+                return

@@ -1,0 +1,251 @@
+"""Writes on sessions, runs, events and saved state.
+
+Every write that other processes must hear about is announced on the channel
+layer *after* its transaction commits, as a small note ("seq N is ready");
+listeners read the rows themselves, so a dropped note loses nothing.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from orchestrator.engine.events import EngineEvent, EventKind
+from sessions.groups import WORKER_CHANNEL, session_group, user_sessions_group
+from sessions.models import Event, Run, Session, SessionState
+
+logger = logging.getLogger(__name__)
+
+HISTORY_TAIL = 50  # messages kept in SessionState.conversation_history
+
+
+class StateConflictError(RuntimeError):
+    """The session state kept changing under us: the save was not applied."""
+
+
+class SessionError(ValueError):
+    """A request on a session that cannot be carried out; the message says why."""
+
+
+# --- announcements ----------------------------------------------------------
+
+
+def _send(kind: str, target: str, message: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        if kind == "group":
+            async_to_sync(layer.group_send)(target, message)
+        else:
+            async_to_sync(layer.send)(target, message)
+    except Exception:  # noqa: BLE001 - the rows are written; listeners catch up from them
+        logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
+
+
+def _announce_event(session_id: UUID, owner_id: int, seq: int) -> None:
+    transaction.on_commit(lambda: _send("group", session_group(session_id), {"type": "session.event", "seq": seq}))
+    transaction.on_commit(
+        lambda: _send("group", user_sessions_group(owner_id), {"type": "session.changed", "session_id": str(session_id)})
+    )
+
+
+def worker_wake() -> None:
+    """Tell the workers there is a run to claim (after the current transaction commits)."""
+    transaction.on_commit(lambda: _send("channel", WORKER_CHANNEL, {"type": "run.wake"}))
+
+
+# --- state ------------------------------------------------------------------
+
+
+def _read_version(session_id: UUID | str) -> int:
+    return SessionState.objects.filter(session_id=session_id).values_list("version", flat=True).get()
+
+
+def save_session_state(
+    session_id: UUID | str,
+    *,
+    conversation_history: Sequence[dict[str, Any]],
+    context_variables: dict[str, Any],
+    current_phase: str,
+    current_step: int,
+    plan: list[dict[str, Any]] | None = None,
+    engine_state: dict[str, Any] | None = None,
+) -> int:
+    """Save a session's engine state and return its new version.
+
+    Optimistic locking: the row is updated only if its version is still the one
+    read. A conflict (another writer got in between) is retried once with the
+    version read again; a second conflict raises StateConflictError and
+    nothing is written.
+    """
+    fields: dict[str, Any] = {
+        "conversation_history": list(conversation_history)[-HISTORY_TAIL:],
+        "context_variables": context_variables,
+        "current_phase": current_phase,
+        "current_step": current_step,
+        "updated_at": timezone.now(),
+    }
+    if plan is not None:
+        fields["plan"] = plan
+    if engine_state is not None:
+        fields["engine_state"] = engine_state
+    for attempt in (1, 2):
+        version = _read_version(session_id)
+        updated = SessionState.objects.filter(session_id=session_id, version=version).update(
+            version=F("version") + 1, **fields
+        )
+        if updated:
+            return version + 1
+        logger.warning("state of session %s changed during save (attempt %d)", session_id, attempt)
+    raise StateConflictError(
+        f"The state of session {session_id} was changed by another writer twice during one save; "
+        "the save was not applied."
+    )
+
+
+# --- sessions ---------------------------------------------------------------
+
+
+def session_start(*, owner, task: str, mode: str, title: str = "", config: dict[str, Any] | None = None) -> Session:
+    """Create a session with its state and a queued first run, and wake a worker."""
+    task = task.strip()
+    if not task:
+        raise SessionError("The task is empty.")
+    if len(task) > settings.TASK_MAX_CHARS:
+        raise SessionError(f"The task is {len(task):,} characters long; the limit is {settings.TASK_MAX_CHARS:,}.")
+    if mode not in Session.Mode.values:
+        raise SessionError(f"Unknown mode {mode!r}; choose one of: {', '.join(Session.Mode.values)}.")
+    title = (title.strip() or " ".join(task.split())[:80]).strip()
+    with transaction.atomic():
+        session = Session.objects.create(owner=owner, task=task, mode=mode, title=title[:200], config=config or {})
+        SessionState.objects.create(session=session)
+        run = Run.objects.create(session=session, number=1)
+        _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."))
+        worker_wake()
+    logger.info("session %s started by user %s in mode %s", session.pk, owner.pk, mode)
+    return session
+
+
+def _status_event(status: str, detail: str = "") -> EngineEvent:
+    return EngineEvent(EventKind.STATUS, content=detail, data={"status": status})
+
+
+def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -> Event:
+    """Allocate the next seq under the session row's lock and write the event.
+
+    Must run inside a transaction. Applies the event's effect on the session
+    (status, token totals) in the same transaction.
+    """
+    session = Session.objects.select_for_update().only("pk", "owner_id", "last_seq").get(pk=session_id)
+    seq = session.last_seq + 1
+    changes: dict[str, Any] = {"last_seq": seq, "updated_at": timezone.now()}
+    if event.kind == EventKind.STATUS:
+        changes["status"] = event.data["status"]
+    if event.prompt_tokens or event.completion_tokens:
+        changes["prompt_tokens"] = F("prompt_tokens") + event.prompt_tokens
+        changes["completion_tokens"] = F("completion_tokens") + event.completion_tokens
+    Session.objects.filter(pk=session_id).update(**changes)
+    row = Event.objects.create(
+        session_id=session_id,
+        run_id=run_id,
+        seq=seq,
+        kind=str(event.kind),
+        agent=event.agent,
+        content=event.content,
+        data=event.data,
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+    )
+    _announce_event(session.pk, session.owner_id, seq)
+    return row
+
+
+def event_append(
+    *,
+    session_id: UUID | str,
+    run_id: int | None,
+    event: EngineEvent,
+    checkpoint: dict[str, Any] | None = None,
+    conversation_tail: Sequence[dict[str, Any]] | None = None,
+) -> Event:
+    """Write one engine event and, with it, the state checkpoint: one transaction."""
+    with transaction.atomic():
+        row = _append(session_id, run_id=run_id, event=event)
+        if checkpoint is not None:
+            save_session_state(
+                session_id,
+                conversation_history=conversation_tail or [],
+                context_variables=checkpoint.get("context_variables", {}),
+                current_phase=checkpoint.get("phase", ""),
+                current_step=checkpoint.get("step", 0),
+                plan=checkpoint.get("plan"),
+                engine_state={k: v for k, v in checkpoint.items() if k not in {"plan", "context_variables"}},
+            )
+    return row
+
+
+# --- runs -------------------------------------------------------------------
+
+
+def run_claim(*, worker_id: str, lease_seconds: int) -> Run | None:
+    """Take the oldest queued run, or one whose worker's lease ran out."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = (
+            Run.objects.select_for_update(skip_locked=True)
+            .filter(Q(status=Run.Status.QUEUED) | Q(status=Run.Status.RUNNING, lease_expires_at__lt=now))
+            .order_by("created_at")
+            .first()
+        )
+        if run is None:
+            return None
+        resumed = run.status == Run.Status.RUNNING
+        run.status = Run.Status.RUNNING
+        run.lease_owner = worker_id
+        run.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        run.heartbeat_at = now
+        run.started_at = run.started_at or now
+        run.save(update_fields=["status", "lease_owner", "lease_expires_at", "heartbeat_at", "started_at"])
+        detail = "Taken over after its worker stopped." if resumed else "A worker started the run."
+        _append(run.session_id, run_id=run.pk, event=_status_event("running", detail))
+    logger.info("worker %s claimed run %s of session %s", worker_id, run.pk, run.session_id)
+    return run
+
+
+def run_heartbeat(*, run_id: int, worker_id: str, lease_seconds: int) -> bool:
+    """Extend the lease; False if this worker no longer holds it."""
+    now = timezone.now()
+    return bool(
+        Run.objects.filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING).update(
+            heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds)
+        )
+    )
+
+
+def run_finish(*, run_id: int, worker_id: str, status: str, detail: str = "") -> Run:
+    """End a run the worker holds, recording the outcome as a status event."""
+    if status not in Run.Status.values:
+        raise SessionError(f"Unknown run status {status!r}.")
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run_id)
+        if run.lease_owner != worker_id:
+            raise SessionError(f"Run {run_id} is held by {run.lease_owner or 'nobody'}, not {worker_id}.")
+        run.status = status
+        run.error = detail if status == Run.Status.FAILED else ""
+        run.finished_at = timezone.now() if status in Run.TERMINAL else None
+        run.lease_owner = ""
+        run.lease_expires_at = None
+        run.save(update_fields=["status", "error", "finished_at", "lease_owner", "lease_expires_at"])
+        _append(run.session_id, run_id=run.pk, event=_status_event(status, detail))
+    logger.info("run %s finished: %s %s", run_id, status, detail)
+    return run

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+
+from django import template
+from django.utils.safestring import SafeString
+
+from sessions.rendering import highlight_code, render_markdown
+
+register = template.Library()
+
+
+@register.filter
+def markdown(text: str) -> SafeString:
+    """Render untrusted markdown to sanitised HTML."""
+    return render_markdown(text)
+
+
+@register.filter
+def code(text: str, lang: str = "python") -> SafeString:
+    return highlight_code(text, lang)
+
+
+@register.filter
+def call_code(arguments: str) -> str:
+    """The ``code`` argument of an execute_code call, or the raw arguments."""
+    try:
+        value = json.loads(arguments)
+    except (TypeError, ValueError):
+        return str(arguments)
+    if isinstance(value, dict) and isinstance(value.get("code"), str):
+        return value["code"]
+    return json.dumps(value, indent=2)

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from sessions import views
+
+app_name = "sessions"
+
+urlpatterns = [
+    path("", views.session_list, name="list"),
+    path("new/", views.session_new, name="new"),
+    path("<uuid:session_id>/", views.session_detail, name="detail"),
+]

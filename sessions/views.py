@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import logging
+from uuid import UUID
+
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods
+
+from sessions import selectors, services
+from sessions.forms import SessionForm
+
+logger = logging.getLogger(__name__)
+
+
+@require_GET
+@login_required
+def session_list(request: HttpRequest) -> HttpResponse:
+    page = Paginator(selectors.sessions_of(request.user), 25).get_page(request.GET.get("page"))
+    return render(request, "sessions/list.html", {"page": page})
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def session_new(request: HttpRequest) -> HttpResponse:
+    form = SessionForm(request.POST or None)
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                session = services.session_start(owner=request.user, **form.cleaned_data)
+            except services.SessionError as exc:
+                form.add_error(None, str(exc))
+            else:
+                return redirect(session)
+        logger.info("new session refused for user %s: %s", request.user.pk, form.errors.as_json())
+    return render(request, "sessions/new.html", {"form": form}, status=400 if form.errors else 200)
+
+
+@require_GET
+@login_required
+def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
+    session = selectors.session_for_user(session_id, request.user)
+    if session is None:
+        # Someone else's session looks exactly like a missing one.
+        raise Http404("No such session.")
+    events = selectors.transcript(session.pk)
+    return render(
+        request,
+        "sessions/detail.html",
+        {"session": session, "events": events, "last_seq": events[-1].seq if events else 0},
+    )
