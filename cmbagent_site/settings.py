@@ -111,9 +111,8 @@ def _database() -> dict:
                 "timeout": 30,
             }
         )
-        db.setdefault("TEST", {})
-        if os.environ.get("SQLITE_TEST_NAME"):
-            db["TEST"]["NAME"] = os.environ["SQLITE_TEST_NAME"]
+        # A file, not shared-cache memory: threads in tests then lock like real processes do.
+        db.setdefault("TEST", {}).setdefault("NAME", str(VAR_DIR / "test.sqlite3"))
     return db
 
 
@@ -152,7 +151,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 # Serve straight from the app and project folders: no collectstatic step needed
 # for the embedded default. A production layout runs collectstatic.

@@ -132,6 +132,7 @@ def session_start(*, owner, task: str, mode: str, title: str = "", config: dict[
         run = Run.objects.create(session=session, number=1)
         _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."))
         worker_wake()
+    session.refresh_from_db()
     logger.info("session %s started by user %s in mode %s", session.pk, owner.pk, mode)
     return session
 

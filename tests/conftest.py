@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(settings, tmp_path):
+    """Each test gets fresh channel layers (bound to its own event loop) and its own run folder."""
+    settings.CHANNEL_LAYERS = copy.deepcopy(settings.CHANNEL_LAYERS)
+    settings.RUNS_DIR = tmp_path / "runs"
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="alice-pass-123")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user(username="bob", password="bob-pass-123")

@@ -1,0 +1,259 @@
+"""The session page in a real browser against a real server: live transcript, access, escaping, form errors."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import Page, expect
+
+pytestmark = pytest.mark.browser
+
+SESSION_URL = re.compile(r"/sessions/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/$")
+RUN_TIMEOUT_MS = 30_000  # a run takes well under a second here; generous for a loaded CI box
+PLANNING_AGENTS = {"planner", "plan_reviewer", "control", "researcher", "engineer", "executor", "summarizer", "terminator"}
+XSS_MARKUP = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+XSS_TASK = f"Check escaping: {XSS_MARKUP} end."
+
+# Installed in every document before its own scripts run: counts transcript
+# articles present at DOMContentLoaded and every article added afterwards.
+LIVE_PROBE = """
+(() => {
+  window.__e2e = {initial: null, initialSeqs: [], addedSeqs: [], statuses: []};
+  document.addEventListener('DOMContentLoaded', () => {
+    const transcript = document.getElementById('transcript');
+    if (!transcript) return;
+    const seqs = (root) => Array.from(root.querySelectorAll('article[data-seq]')).map(a => Number(a.dataset.seq));
+    window.__e2e.initialSeqs = seqs(transcript);
+    window.__e2e.initial = window.__e2e.initialSeqs.length;
+    const badge = document.getElementById('session-status');
+    if (badge) window.__e2e.statuses.push(badge.dataset.status);
+    new MutationObserver((records) => {
+      for (const record of records) {
+        for (const node of record.addedNodes) {
+          if (node.nodeType !== 1) continue;
+          if (node.matches('article[data-seq]')) window.__e2e.addedSeqs.push(Number(node.dataset.seq));
+          node.querySelectorAll('article[data-seq]').forEach(a => window.__e2e.addedSeqs.push(Number(a.dataset.seq)));
+        }
+      }
+    }).observe(transcript, {childList: true, subtree: true});
+    const head = badge && badge.parentElement;
+    if (head) new MutationObserver(() => {
+      const now = document.getElementById('session-status');
+      if (now) window.__e2e.statuses.push(now.dataset.status);
+    }).observe(head, {childList: true, subtree: true, attributes: true});
+  });
+})();
+"""
+
+TRANSCRIPT_JS = """
+() => Array.from(document.querySelectorAll('#transcript article')).map(a => ({
+  seq: Number(a.dataset.seq),
+  kind: a.dataset.kind,
+  agent: a.dataset.agent,
+  text: a.textContent.replace(/\\s+/g, ' ').trim(),
+  direct: a.parentElement && a.parentElement.id === 'transcript',
+}))
+"""
+
+# Open a socket to ``path`` from the page, say hello, and resolve with how it
+# went: on close, or (``untilMessage``) on the first message, or after 10 s.
+SOCKET_JS = """
+({path, untilMessage}) => new Promise((resolve) => {
+  const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + path);
+  const seen = {opened: false, messages: [], code: null, timedOut: false};
+  const done = () => { clearTimeout(timer); resolve(seen); };
+  const timer = setTimeout(() => { seen.timedOut = true; ws.close(); resolve(seen); }, 10000);
+  ws.onopen = () => { seen.opened = true; ws.send(JSON.stringify({type: 'hello', after: 0})); };
+  ws.onmessage = (e) => {
+    seen.messages.push(String(e.data).slice(0, 5000));
+    if (untilMessage) { ws.close(); done(); }
+  };
+  ws.onclose = (e) => { seen.code = e.code; done(); };
+})
+"""
+
+
+def start_session(page: Page, base_url: str, task: str, mode: str) -> str:
+    """Fill in /sessions/new/, press Start, and return the new session's id from the redirect."""
+    page.goto(base_url + "/sessions/new/")
+    page.fill("textarea[name=task]", task)
+    page.select_option("select[name=mode]", mode)
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_url(SESSION_URL)
+    match = SESSION_URL.search(page.url)
+    assert match, page.url
+    return match.group(1)
+
+
+def dom_transcript(page: Page) -> list[dict]:
+    return page.evaluate(TRANSCRIPT_JS)
+
+
+def rows(transcript: list[dict]) -> list[tuple]:
+    return [(e["seq"], e["kind"], e["agent"], e["text"]) for e in transcript]
+
+
+def wait_until_done(page: Page, db_count: int | None = None) -> None:
+    expect(page.locator("#session-status")).to_have_attribute("data-status", "completed", timeout=RUN_TIMEOUT_MS)
+    if db_count is not None:
+        expect(page.locator("#transcript article[data-seq]")).to_have_count(db_count, timeout=RUN_TIMEOUT_MS)
+
+
+def assert_matches_db(transcript: list[dict], db_events: list[dict]) -> None:
+    seqs = [e["seq"] for e in transcript]
+    assert len(seqs) == len(set(seqs)), f"duplicate seqs in the DOM: {seqs}"
+    assert seqs == list(range(1, len(seqs) + 1)), f"DOM seqs are not 1..N in order: {seqs}"
+    assert all(e["direct"] for e in transcript), "an article was swapped in nested instead of appended to #transcript"
+    assert len(transcript) == len(db_events), f"DOM shows {len(transcript)} events, the database holds {len(db_events)}"
+    assert [(e["seq"], e["kind"], e["agent"]) for e in transcript] == [
+        (e["seq"], e["kind"], e["agent"] or "") for e in db_events
+    ]
+
+
+def test_planning_run_streams_live_and_survives_reload(
+    e2e_server, live_server_url, context, login, accounts, screenshot
+):
+    """Messages arrive live without a reload; the transcript equals the database's, and a reload or a
+    second tab shows exactly the same transcript."""
+    context.add_init_script(LIVE_PROBE)
+    page = context.new_page()
+    login(page, accounts["alice"])
+    screenshot(page, "session-list")
+    page.goto(live_server_url + "/sessions/new/")
+    expect(page.locator("select[name=mode] option[value=planning_and_control]")).to_have_count(1)
+    screenshot(page, "new-session-form")
+
+    session_id = start_session(page, live_server_url, "Estimate the CMB power spectrum peak positions.", "planning_and_control")
+    # Mark this document: if anything navigated or reloaded it, the mark would be gone.
+    page.evaluate("window.__e2e_same_document = true")
+    initial = page.evaluate("window.__e2e.initial")
+    assert initial is not None, "the live probe did not see #transcript at load"
+
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    wait_until_done(page)
+    db_events = e2e_server.db_events(session_id)
+    assert db_events, "the database holds no events for the session"
+    # The badge says completed only once the final status event exists; every event must show up.
+    expect(page.locator("#transcript article[data-seq]")).to_have_count(len(db_events), timeout=RUN_TIMEOUT_MS)
+    screenshot(page, "session-completed")
+
+    assert page.evaluate("window.__e2e_same_document") is True, "the page was reloaded or navigated"
+    probe = page.evaluate("window.__e2e")
+    n = len(db_events)
+    assert n == 38, f"a planning_and_control run with the offline model writes 38 events, the database has {n}"
+    # Live: events were appended to this very document after it loaded, each exactly once.
+    assert len(probe["addedSeqs"]) > 0, f"no event arrived over the socket (all {n} were in the initial HTML)"
+    assert probe["initial"] < n
+    assert sorted(probe["initialSeqs"] + probe["addedSeqs"]) == list(range(1, n + 1)), probe
+    assert probe["statuses"][-1] == "completed" and probe["statuses"][0] != "completed", probe["statuses"]
+
+    before = dom_transcript(page)
+    assert_matches_db(before, db_events)
+    agents = {e["agent"] for e in before if e["kind"] == "message"}
+    assert PLANNING_AGENTS <= agents, f"missing messages from {sorted(PLANNING_AGENTS - agents)}"
+    assert e2e_server.db_session(session_id)["status"] == "completed"
+    expect(page.locator('[data-testid="event-count"]')).to_have_text(str(n))
+
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(page.locator("#session-status")).to_have_attribute("data-status", "completed")
+    after_reload = dom_transcript(page)
+    assert rows(after_reload) == rows(before)
+
+    second = context.new_page()
+    second.goto(live_server_url + f"/sessions/{session_id}/")
+    expect(second.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(second.locator("#session-status")).to_have_attribute("data-status", "completed")
+    assert rows(dom_transcript(second)) == rows(before)
+    # Nothing is pushed twice onto a page that already shows everything.
+    assert second.evaluate("window.__e2e.addedSeqs") == []
+
+
+def test_other_users_and_anonymous_are_refused(
+    e2e_server, live_server_url, new_context, login, accounts
+):
+    """Another user's session looks missing (404) and its socket closes with 4403; without a login 4401."""
+    alice = new_context().new_page()
+    login(alice, accounts["alice"])
+    session_id = start_session(alice, live_server_url, "A private task for alice only.", "one_shot")
+    wait_until_done(alice)
+    socket_path = f"/ws/sessions/{session_id}/"
+    # Control: the owner's own socket opens and is sent the transcript.
+    own = alice.evaluate(SOCKET_JS, {"path": socket_path, "untilMessage": True})
+    assert own["opened"] and own["code"] is None and own["messages"], own
+    assert any('data-seq="1"' in m for m in own["messages"]), own["messages"][:1]
+
+    bob = new_context().new_page()
+    login(bob, accounts["bob"])
+    response = bob.goto(live_server_url + f"/sessions/{session_id}/")
+    assert response is not None and response.status == 404
+    assert "A private task for alice only" not in bob.content()
+    refused = bob.evaluate(SOCKET_JS, {"path": socket_path, "untilMessage": False})
+    assert refused["code"] == 4403, refused
+    assert refused["messages"] == [], "the socket leaked data to another user"
+
+    anonymous = new_context().new_page()
+    response = anonymous.goto(live_server_url + f"/sessions/{session_id}/")
+    assert response is not None and "/login/" in anonymous.url, anonymous.url
+    refused = anonymous.evaluate(SOCKET_JS, {"path": socket_path, "untilMessage": False})
+    assert refused["code"] == 4401, refused
+    assert refused["messages"] == []
+
+
+def test_task_markup_is_shown_as_text(e2e_server, live_server_url, context, login, accounts):
+    """Markup in a task is shown as text, both when pushed live and after a reload; no script runs."""
+    context.add_init_script(LIVE_PROBE)
+    page = context.new_page()
+    login(page, accounts["alice"])
+    session_id = start_session(page, live_server_url, XSS_TASK, "one_shot")
+    wait_until_done(page)
+    db_events = e2e_server.db_events(session_id)
+    expect(page.locator("#transcript article[data-seq]")).to_have_count(len(db_events))
+    assert_matches_db(dom_transcript(page), db_events)
+    # A one_shot run is shorter than planning_and_control's 38 events.
+    assert 3 < len(db_events) < 38
+
+    for state in ("live", "reloaded"):
+        if state == "reloaded":
+            page.reload()
+            expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        # The whole task, markup and all, is on the page as visible text (the title holds only
+        # its first 80 characters, so this is the task itself, wherever the page shows it).
+        expect(page.locator("main")).to_contain_text(XSS_MARKUP)
+        expect(page.locator("h1")).to_contain_text("<script>window.__xss=1</script>")
+        assert page.locator("main script, main img").count() == 0, "task markup became elements"
+        assert page.evaluate("typeof window.__xss") == "undefined", f"script ran ({state})"
+
+    page.goto(live_server_url + "/sessions/")
+    expect(page.locator(f"#session-row-{session_id} a")).to_contain_text("<script>window.__xss=1</script>")
+    assert page.locator("table.sessions img, table.sessions script").count() == 0
+    assert page.evaluate("typeof window.__xss") == "undefined"
+
+
+def test_bad_form_input_is_refused_and_creates_nothing(e2e_server, live_server_url, page, login, accounts):
+    """An empty task and a 100 KB task are refused with a message; no session is created."""
+    login(page, accounts["alice"])
+    rows_before = page.locator("table.sessions tbody tr").count()
+    db_before = e2e_server.db_session_count("alice")
+
+    for task in ("", "   \n  "):
+        page.goto(live_server_url + "/sessions/new/")
+        page.fill("textarea[name=task]", task)
+        with page.expect_response(lambda r: r.request.method == "POST") as posted:
+            page.get_by_role("button", name="Start", exact=True).click()
+        assert posted.value.status == 400
+        expect(page.get_by_role("alert")).to_contain_text("Describe the task for the team.")
+        assert page.url == live_server_url + "/sessions/new/"
+
+    huge = "x" * 100_000
+    page.goto(live_server_url + "/sessions/new/")
+    page.fill("textarea[name=task]", huge)
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.get_by_role("button", name="Start", exact=True).click()
+    assert posted.value.status == 400
+    expect(page.get_by_role("alert")).to_contain_text("The task is 100,000 characters long; the limit is 20,000.")
+    assert page.url == live_server_url + "/sessions/new/"
+
+    page.goto(live_server_url + "/sessions/")
+    assert page.locator("table.sessions tbody tr").count() == rows_before
+    assert e2e_server.db_session_count("alice") == db_before

@@ -1,0 +1,120 @@
+"""The engine on the offline model: events, phases, artifacts, determinism."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.engine import EngineEvent, EventKind, SwarmOrchestrator
+from orchestrator.engine.offline import plan_for
+
+TASK = "Compute the damped oscillation of a CMB acoustic mode and plot it"
+
+
+async def _run(tmp_path, mode, **kwargs):
+    engine = SwarmOrchestrator(task=TASK, mode=mode, work_dir=tmp_path, **kwargs)
+    pairs = [pair async for pair in engine.run()]
+    return engine, [e for e, _ in pairs], [c for _, c in pairs]
+
+
+async def test_planning_and_control_walks_the_plan(tmp_path):
+    """Planner, reviewer, control and the step agents all speak; every step runs; the run completes."""
+    engine, events, checkpoints = await _run(tmp_path, "planning_and_control")
+
+    assert engine.outcome.status == "completed"
+    speakers = {e.agent for e in events if e.kind == EventKind.MESSAGE}
+    assert speakers == {"planner", "plan_reviewer", "control", "researcher", "engineer", "executor", "summarizer", "terminator"}
+    phases = [e.content for e in events if e.kind == EventKind.PHASE]
+    assert phases == ["planning", "control", "summary"]
+    plan = next(e for e in events if e.kind == EventKind.PLAN)
+    assert [s["description"] for s in plan.data["steps"]] == [d for _, d in plan_for(TASK)]
+    assert [e.data["step"] for e in events if e.kind == EventKind.STEP] == [1, 2, 3]
+    assert checkpoints[-1]["plan"] and all(s["status"] == "done" for s in checkpoints[-1]["plan"])
+    handoffs = [(e.agent, e.content) for e in events if e.kind == EventKind.HANDOFF]
+    assert handoffs[:2] == [("planner", "plan_reviewer"), ("plan_reviewer", "control")]
+    assert events[0].kind == EventKind.TASK and events[0].content == TASK
+    assert len(events) == 35
+
+
+async def test_engineer_code_really_runs_and_writes_artifacts(tmp_path):
+    """The executor runs the engineer's code in a child process; its files become artifact events."""
+    _, events, _ = await _run(tmp_path, "one_shot")
+
+    result = next(e for e in events if e.kind == EventKind.TOOL_RESULT)
+    assert "execution succeeded" in result.content and "peak amplitude:" in result.content
+    artifacts = {e.data["path"]: e.data for e in events if e.kind == EventKind.ARTIFACT}
+    assert set(artifacts) == {"plot_step1.png", "results_step1.csv"}
+    png = (tmp_path / "plot_step1.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and artifacts["plot_step1.png"]["size"] == len(png)
+    assert artifacts["plot_step1.png"]["kind"] == "image"
+    rows = (tmp_path / "results_step1.csv").read_text().splitlines()
+    assert rows[0] == "x,y" and len(rows) == 201
+
+
+async def test_same_task_gives_same_transcript(tmp_path):
+    """The offline model is deterministic: two runs of one task give identical events."""
+    _, first, _ = await _run(tmp_path / "a", "planning_and_control")
+    _, second, _ = await _run(tmp_path / "b", "planning_and_control")
+    assert [e.to_dict() for e in first] == [e.to_dict() for e in second]
+
+
+async def test_events_and_checkpoints_are_json(tmp_path):
+    """Every event and checkpoint survives a JSON round trip unchanged."""
+    _, events, checkpoints = await _run(tmp_path, "planning_and_control")
+    for event, checkpoint in zip(events, checkpoints, strict=True):
+        assert EngineEvent.from_dict(json.loads(json.dumps(event.to_dict()))) == event
+        assert json.loads(json.dumps(checkpoint)) == checkpoint
+
+
+async def test_checkpoint_size_does_not_grow_with_history(tmp_path):
+    """A checkpoint holds what the log does not: its size stays flat as the transcript grows."""
+    _, _, checkpoints = await _run(tmp_path, "planning_and_control")
+    sizes = [len(json.dumps(c)) for c in checkpoints[5:]]
+    assert max(sizes) < 2_000
+    assert max(sizes) - min(sizes) < 200
+
+
+async def test_token_usage_is_reported(tmp_path):
+    """Model calls report token usage, carried on the events that cost them."""
+    _, events, _ = await _run(tmp_path, "planning_and_control")
+    assert sum(e.prompt_tokens for e in events) > 1000
+    assert all(e.completion_tokens > 0 for e in events if e.kind == EventKind.HANDOFF)
+
+
+async def test_turn_budget_pauses_the_run(tmp_path):
+    """When the turn budget is spent the run stops as paused, reason max_rounds_reached."""
+    engine, events, _ = await _run(tmp_path, "planning_and_control", max_turns=3)
+    assert engine.outcome.status == "paused"
+    assert engine.outcome.reason == "max_rounds_reached"
+    assert EventKind.TOOL_CALL not in {e.kind for e in events}
+
+
+async def test_failing_code_is_reported_not_raised(tmp_path):
+    """Code that fails gives a tool result saying so, and the team goes on."""
+    engine = SwarmOrchestrator(task=TASK, mode="one_shot", work_dir=tmp_path)
+    output = await engine.execute_code("raise SystemExit('boom')")
+    assert "execution failed" in output and "boom" in output
+
+
+async def test_code_time_limit(tmp_path):
+    """An endless loop is stopped at the time limit."""
+    engine = SwarmOrchestrator(task=TASK, mode="one_shot", work_dir=tmp_path, code_timeout=1.0)
+    output = await engine.execute_code("while True:\n    pass\n")
+    assert "time limit exceeded" in output
+
+
+def test_engine_does_not_import_django():
+    """orchestrator.engine is free of Django: importing it in a clean interpreter loads no django module."""
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator.engine; print(any(m == 'django' or m.startswith('django.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", ["nope", ""])
+def test_unknown_mode_is_refused(tmp_path, mode):
+    """An unknown mode is a clear error before anything runs."""
+    with pytest.raises(ValueError):
+        SwarmOrchestrator(task=TASK, mode=mode, work_dir=tmp_path)

@@ -1,0 +1,153 @@
+"""The worker end to end on the offline model: claim, run, persist, announce."""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from cmbagent_site.asgi import application
+from orchestrator import worker as worker_module
+from orchestrator.engine import SwarmOrchestrator
+from orchestrator.worker import RunWorker
+from sessions import services
+from sessions.models import Event, Run, Session, SessionState
+
+pytestmark = pytest.mark.django_db(transaction=True)
+SEQ = re.compile(r'data-seq="(\d+)"')
+# queued + running + the 35 engine events of the offline planning_and_control run + completed
+PLANNING_EVENTS = 38
+
+
+@database_sync_to_async
+def _start(user, mode="planning_and_control", task="Compute the damped oscillation of a CMB acoustic mode and plot it"):
+    return services.session_start(owner=user, task=task, mode=mode)
+
+
+@database_sync_to_async
+def _log(session):
+    return list(Event.objects.filter(session=session).order_by("seq").values_list("seq", "kind", "agent"))
+
+
+@database_sync_to_async
+def _reload(session):
+    return Session.objects.get(pk=session.pk), Run.objects.get(session=session), SessionState.objects.get(pk=session.pk)
+
+
+async def _run_once(worker: RunWorker) -> None:
+    await worker.claim_available()
+    assert worker.active, "the worker found no run to claim"
+    await asyncio.wait_for(asyncio.gather(*worker.active.values()), timeout=60)
+
+
+async def test_run_persists_every_event_and_completes(alice):
+    """A planning_and_control run writes seq 1..N with no gap and ends completed, state saved."""
+    session = await _start(alice)
+    await _run_once(RunWorker(worker_id="w-test"))
+
+    log = await _log(session)
+    assert [seq for seq, _, _ in log] == list(range(1, PLANNING_EVENTS + 1))
+    kinds = [kind for _, kind, _ in log]
+    assert kinds[:3] == ["status", "status", "task"] and kinds[-1] == "status"
+    assert {"plan", "step", "handoff", "tool_call", "tool_result", "artifact", "phase"} <= set(kinds)
+    session, run, state = await _reload(session)
+    assert (session.status, run.status, run.lease_owner) == ("completed", "completed", "")
+    assert session.last_seq == PLANNING_EVENTS and session.total_tokens > 0
+    assert state.version == PLANNING_EVENTS - 3  # one checkpoint per engine event
+    assert state.current_phase == "summary" and len(state.plan) == 3
+    assert 0 < len(state.conversation_history) <= services.HISTORY_TAIL
+
+
+async def test_owner_socket_sees_every_event_once_in_order(alice):
+    """While the worker runs, the owner's socket receives each seq exactly once, in order."""
+    session = await _start(alice)
+    client = Client()
+    await database_sync_to_async(client.force_login)(alice)
+    ws = WebsocketCommunicator(
+        application,
+        f"/ws/sessions/{session.pk}/",
+        headers=[(b"origin", b"http://localhost"), (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())],
+    )
+    assert (await ws.connect())[0]
+    await ws.send_json_to({"type": "hello", "after": 0})
+    worker = RunWorker(worker_id="w-live")
+    await worker.claim_available()
+    seen: list[int] = []
+    async with asyncio.timeout(60):
+        while not seen or seen[-1] < PLANNING_EVENTS:
+            seen.extend(int(s) for s in SEQ.findall(await ws.receive_from(timeout=30)))
+    await asyncio.gather(*worker.active.values())
+    assert seen == list(range(1, PLANNING_EVENTS + 1))
+    assert await ws.receive_nothing(timeout=0.3)
+    await ws.disconnect()
+
+
+async def test_closing_the_socket_does_not_stop_the_run(alice):
+    """The socket never owns the run: it completes after the only viewer leaves."""
+    session = await _start(alice)
+    client = Client()
+    await database_sync_to_async(client.force_login)(alice)
+    ws = WebsocketCommunicator(
+        application,
+        f"/ws/sessions/{session.pk}/",
+        headers=[(b"origin", b"http://localhost"), (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())],
+    )
+    await ws.connect()
+    await ws.send_json_to({"type": "hello", "after": 0})
+    worker = RunWorker(worker_id="w-close")
+    await worker.claim_available()
+    await ws.receive_from(timeout=10)
+    await ws.disconnect()
+    await asyncio.wait_for(asyncio.gather(*worker.active.values()), timeout=60)
+    session, run, _ = await _reload(session)
+    assert (session.status, run.status) == ("completed", "completed")
+
+
+async def test_model_failure_fails_the_run_with_its_cause(alice, monkeypatch):
+    """A model that raises ends the run as failed, with an error event naming the cause."""
+
+    class BrokenModel:
+        def __init__(self, agent: str) -> None:
+            from orchestrator.engine.offline import OfflineChatCompletionClient
+
+            self._inner = OfflineChatCompletionClient(agent)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        async def create(self, *args, **kwargs):
+            raise ConnectionError("model endpoint unreachable")
+
+    def engine(**kwargs):
+        return SwarmOrchestrator(client_for=BrokenModel, **kwargs)
+
+    monkeypatch.setattr(worker_module, "SwarmOrchestrator", engine)
+    session = await _start(alice, mode="one_shot")
+    await _run_once(RunWorker(worker_id="w-broken"))
+    session, run, _ = await _reload(session)
+    assert (session.status, run.status) == ("failed", "failed")
+    assert "model endpoint unreachable" in run.error
+    kinds = [kind for _, kind, _ in await _log(session)]
+    assert "error" in kinds and kinds[-1] == "status"
+
+
+async def test_serving_worker_wakes_on_new_session(alice):
+    """A serving worker picks up a new session as soon as it is started (woken through the channel layer)."""
+    worker = RunWorker(worker_id="w-serve", poll_interval=30)  # polling alone would be far too slow
+    serving = asyncio.create_task(worker.serve())
+    try:
+        await asyncio.sleep(0.1)  # let it reach its wait on the channel
+        session = await _start(alice, mode="one_shot")
+        async with asyncio.timeout(30):
+            while True:
+                session_now, _, _ = await _reload(session)
+                if session_now.status == "completed":
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    assert session_now.last_seq > 10

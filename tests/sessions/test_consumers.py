@@ -1,0 +1,135 @@
+"""The session socket through the real ASGI stack: origin check, auth, catch-up, pushes."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from cmbagent_site.asgi import application
+from orchestrator.engine.events import EngineEvent, EventKind
+from sessions import services
+
+pytestmark = pytest.mark.django_db(transaction=True)
+SEQ = re.compile(r'data-seq="(\d+)"')
+
+
+def _cookie_for(user) -> bytes:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+def _communicator(path: str, *, cookie: bytes | None = None, origin: bytes = b"http://localhost") -> WebsocketCommunicator:
+    headers = [(b"origin", origin)]
+    if cookie:
+        headers.append((b"cookie", cookie))
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+async def _closed_with(communicator: WebsocketCommunicator) -> int:
+    connected, _ = await communicator.connect()
+    assert connected  # accepted so that the close code reaches the browser
+    message = await communicator.receive_output(timeout=5)
+    await communicator.disconnect()
+    assert message["type"] == "websocket.close"
+    return message["code"]
+
+
+@database_sync_to_async
+def _start(user, task="Fit the spectrum"):
+    return services.session_start(owner=user, task=task, mode="one_shot")
+
+
+@database_sync_to_async
+def _append(session, content):
+    return services.event_append(
+        session_id=session.pk, run_id=None, event=EngineEvent(EventKind.MESSAGE, agent="engineer", content=content)
+    ).seq
+
+
+async def test_owner_gets_history_then_live_pushes(alice):
+    """After hello, the owner gets every event after its cursor, then each new event once."""
+    session = await _start(alice)
+    await _append(session, "first message")
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.send_json_to({"type": "hello", "after": 0})
+    history = await ws.receive_from(timeout=5)
+    assert SEQ.findall(history) == ["1", "2"] and "first message" in history
+    assert 'id="session-status"' in history and 'hx-swap-oob="beforeend"' in history
+
+    await _append(session, "second <b>message</b>")
+    pushed = await ws.receive_from(timeout=5)
+    assert SEQ.findall(pushed) == ["3"]
+    assert "second <b>message</b>" not in pushed  # raw HTML from an agent is never passed through
+    assert await ws.receive_nothing(timeout=0.2)
+    await ws.disconnect()
+
+
+async def test_reconnect_catches_up_from_cursor(alice):
+    """A socket that says it shows seq 2 gets exactly what came after, nothing before."""
+    session = await _start(alice)
+    for text in ("a", "b", "c"):
+        await _append(session, text)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    await ws.connect()
+    await ws.send_json_to({"type": "hello", "after": 2})
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["3", "4"]
+    await ws.disconnect()
+
+
+async def test_anonymous_is_closed_with_4401(alice):
+    session = await _start(alice)
+    assert await _closed_with(_communicator(f"/ws/sessions/{session.pk}/")) == 4401
+
+
+async def test_other_user_is_closed_with_4403(alice, bob):
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(bob)
+    assert await _closed_with(_communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)) == 4403
+
+
+async def test_wrong_origin_is_closed_with_4403(alice):
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie, origin=b"http://evil.example")
+    assert await _closed_with(ws) == 4403
+
+
+async def test_missing_origin_is_closed_with_4403(alice):
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = WebsocketCommunicator(application, f"/ws/sessions/{session.pk}/", headers=[(b"cookie", cookie)])
+    assert await _closed_with(ws) == 4403
+
+
+@pytest.mark.parametrize("raw_id", ["not-a-uuid", "00000000-0000-0000-0000-000000000000"])
+async def test_bad_or_unknown_session_id(alice, raw_id):
+    """A malformed id closes with 4404; a well-formed unknown one looks like someone else's (4403)."""
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    code = await _closed_with(_communicator(f"/ws/sessions/{raw_id}/", cookie=cookie))
+    assert code == (4404 if raw_id == "not-a-uuid" else 4403)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["not json", "[1, 2]", '{"type": "hello", "after": -1}', '{"type": "hello", "after": "x"}', '{"type": "launch"}', "x" * 10_000],
+)
+async def test_malformed_frames_get_an_error_and_the_socket_stays_up(alice, frame):
+    """A malformed frame is answered with a visible error fragment; the socket keeps working."""
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    await ws.connect()
+    await ws.send_to(text_data=frame)
+    error = await ws.receive_from(timeout=5)
+    assert 'id="socket-errors"' in error and "could not read" in error
+    await ws.send_json_to({"type": "hello", "after": 0})
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
+    await ws.disconnect()

@@ -1,0 +1,195 @@
+"""Session services: starting, the event log, versioned state, run leases."""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.db.models import F
+from django.utils import timezone
+
+from orchestrator.engine.events import EngineEvent, EventKind
+from sessions import services
+from sessions.models import Event, Run, Session, SessionState
+
+
+@pytest.fixture
+def session(alice):
+    return services.session_start(owner=alice, task="Estimate the Hubble constant", mode="one_shot")
+
+
+def _state_args(phase: str = "planning") -> dict:
+    return {"conversation_history": [], "context_variables": {"k": 1}, "current_phase": phase, "current_step": 1}
+
+
+@pytest.mark.django_db
+class TestSessionStart:
+    def test_creates_session_state_queued_run_and_first_event(self, alice):
+        """A new session has its state row, a queued run #1 and a 'queued' status event at seq 1."""
+        session = services.session_start(owner=alice, task="  Fit the CMB power spectrum  ", mode="planning_and_control")
+        assert session.task == "Fit the CMB power spectrum"
+        assert session.title == "Fit the CMB power spectrum"
+        assert session.status == "queued" and session.last_seq == 1
+        assert SessionState.objects.get(session=session).version == 0
+        assert list(Run.objects.filter(session=session).values_list("number", "status")) == [(1, "queued")]
+        event = Event.objects.get(session=session)
+        assert (event.seq, event.kind, event.data) == (1, "status", {"status": "queued"})
+
+    @pytest.mark.parametrize(
+        ("task", "mode", "message"),
+        [
+            ("   ", "one_shot", "The task is empty."),
+            ("x" * 100_000, "one_shot", "limit is 20,000"),
+            ("fine", "make_coffee", "Unknown mode 'make_coffee'"),
+        ],
+    )
+    def test_bad_input_is_refused_and_writes_nothing(self, alice, task, mode, message):
+        """Empty or oversized tasks and unknown modes raise a clear SessionError; no row is written."""
+        with pytest.raises(services.SessionError, match=message):
+            services.session_start(owner=alice, task=task, mode=mode)
+        assert not Session.objects.exists() and not Event.objects.exists() and not Run.objects.exists()
+
+
+@pytest.mark.django_db
+class TestSaveSessionState:
+    def test_save_bumps_version(self, session):
+        """A save without interference applies the fields and bumps the version by one."""
+        assert services.save_session_state(session.pk, **_state_args("control"), plan=[{"number": 1}]) == 1
+        state = SessionState.objects.get(pk=session.pk)
+        assert (state.version, state.current_phase, state.plan, state.context_variables) == (1, "control", [{"number": 1}], {"k": 1})
+
+    def test_history_is_bounded(self, session):
+        """Only the tail of the conversation is kept in the state row."""
+        history = [{"content": str(i)} for i in range(500)]
+        services.save_session_state(session.pk, **{**_state_args(), "conversation_history": history})
+        kept = SessionState.objects.get(pk=session.pk).conversation_history
+        assert len(kept) == services.HISTORY_TAIL and kept[-1] == {"content": "499"}
+
+    def test_conflict_is_retried_once(self, session, monkeypatch):
+        """Another writer between read and write: the save is retried with the new version and applied."""
+        real = services._read_version
+        reads = []
+
+        def racing(session_id):
+            version = real(session_id)
+            reads.append(version)
+            if len(reads) == 1:
+                SessionState.objects.filter(pk=session_id).update(version=F("version") + 1, current_phase="other")
+            return version
+
+        monkeypatch.setattr(services, "_read_version", racing)
+        assert services.save_session_state(session.pk, **_state_args("mine")) == 2
+        state = SessionState.objects.get(pk=session.pk)
+        assert reads == [0, 1]
+        assert (state.version, state.current_phase) == (2, "mine")
+
+    def test_second_conflict_raises_and_writes_nothing(self, session, monkeypatch):
+        """Two conflicts in a row raise StateConflictError; the other writer's state stays intact."""
+        real = services._read_version
+
+        def always_racing(session_id):
+            version = real(session_id)
+            SessionState.objects.filter(pk=session_id).update(version=F("version") + 1, current_phase="other")
+            return version
+
+        monkeypatch.setattr(services, "_read_version", always_racing)
+        with pytest.raises(services.StateConflictError, match="changed by another writer twice"):
+            services.save_session_state(session.pk, **_state_args("mine"))
+        state = SessionState.objects.get(pk=session.pk)
+        assert (state.version, state.current_phase) == (2, "other")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_saves_lose_nothing(alice):
+    """Concurrent saves each either apply (bumping the version once) or raise; none vanish silently."""
+    session = services.session_start(owner=alice, task="t", mode="one_shot")
+    applied, refused = [], []
+    barrier = threading.Barrier(8)
+
+    def save(n: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(5):
+                applied.append(services.save_session_state(session.pk, **_state_args(f"w{n}-{i}")))
+        except services.StateConflictError:
+            refused.append(n)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    state = SessionState.objects.get(pk=session.pk)
+    assert state.version == len(applied)
+    assert sorted(applied) == list(range(1, len(applied) + 1))
+    assert len(applied) + len(refused) >= 8
+
+
+@pytest.mark.django_db(transaction=True)
+def test_event_seq_is_contiguous_under_concurrent_appends(alice):
+    """Appends from many threads get seqs 1..N exactly once, and last_seq matches."""
+    session = services.session_start(owner=alice, task="t", mode="one_shot")
+    barrier = threading.Barrier(6)
+    errors = []
+
+    def append(n: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(10):
+                services.event_append(
+                    session_id=session.pk,
+                    run_id=None,
+                    event=EngineEvent(EventKind.MESSAGE, agent=f"agent{n}", content=str(i), prompt_tokens=2),
+                    checkpoint={"phase": "p", "step": i},
+                )
+        except Exception as exc:  # noqa: BLE001 - collected and asserted on below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=append, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    seqs = list(Event.objects.filter(session=session).order_by("seq").values_list("seq", flat=True))
+    assert seqs == list(range(1, 62))
+    session.refresh_from_db()
+    assert session.last_seq == 61 and session.prompt_tokens == 120
+    assert SessionState.objects.get(pk=session.pk).version == 60
+
+
+@pytest.mark.django_db
+class TestRunLease:
+    def test_claim_takes_queued_run_and_records_running(self, session):
+        """Claiming marks the run running under this worker's lease and logs a status event."""
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        assert run.session_id == session.pk and run.status == "running" and run.lease_owner == "w1"
+        assert services.run_claim(worker_id="w2", lease_seconds=30) is None
+        session.refresh_from_db()
+        assert session.status == "running"
+        assert Event.objects.filter(session=session).latest("seq").data == {"status": "running"}
+
+    def test_expired_lease_is_taken_over(self, session):
+        """A run whose worker stopped heartbeating is claimed again by another worker."""
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        Run.objects.filter(pk=run.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        again = services.run_claim(worker_id="w2", lease_seconds=30)
+        assert again.pk == run.pk and again.lease_owner == "w2"
+        assert not services.run_heartbeat(run_id=run.pk, worker_id="w1", lease_seconds=30)
+        assert services.run_heartbeat(run_id=run.pk, worker_id="w2", lease_seconds=30)
+
+    def test_only_the_lease_holder_finishes(self, session):
+        """A worker that lost the lease cannot record the outcome."""
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        with pytest.raises(services.SessionError, match="held by w1"):
+            services.run_finish(run_id=run.pk, worker_id="w2", status="completed")
+        services.run_finish(run_id=run.pk, worker_id="w1", status="failed", detail="boom")
+        run.refresh_from_db()
+        session.refresh_from_db()
+        assert (run.status, run.error, session.status) == ("failed", "boom", "failed")
+        assert run.finished_at is not None

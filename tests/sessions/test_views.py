@@ -1,0 +1,108 @@
+"""Pages: who sees what, and how bad input is answered."""
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from sessions import services
+from sessions.models import Session
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    client.force_login(alice)
+    return client
+
+
+def test_anonymous_is_sent_to_login(client):
+    """Pages need a login."""
+    response = client.get(reverse("sessions:list"))
+    assert response.status_code == 302 and response.url.startswith(reverse("login"))
+
+
+def test_list_shows_only_own_sessions(alice_client, alice, bob):
+    """The list shows the user's sessions with status, never someone else's."""
+    services.session_start(owner=alice, task="Alice's spectrum task", mode="one_shot")
+    services.session_start(owner=bob, task="Bob's secret task", mode="one_shot")
+    body = alice_client.get(reverse("sessions:list")).content.decode()
+    assert "Alice&#x27;s spectrum task" in body and "Queued" in body
+    assert "Bob" not in body
+
+
+def test_start_session_redirects_to_its_page(alice_client, alice):
+    """Posting the form starts a session and shows its page, labelled as using the offline model."""
+    response = alice_client.post(reverse("sessions:new"), {"task": "Map the CMB", "mode": "planning_and_control"}, follow=True)
+    session = Session.objects.get(owner=alice)
+    assert response.redirect_chain == [(session.get_absolute_url(), 302)]
+    body = response.content.decode()
+    assert "offline model" in body and 'data-status="queued"' in body
+    assert f'ws-connect="/ws/sessions/{session.pk}/"' in body
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"task": "", "mode": "one_shot"}, "Describe the task for the team."),
+        ({"task": "x" * 100_000, "mode": "one_shot"}, "100,000 characters long; the limit is 20,000"),
+        ({"task": "ok", "mode": "teleport"}, "Select a valid choice. teleport is not one of the available choices."),
+    ],
+)
+def test_bad_form_input_is_explained_and_writes_nothing(alice_client, data, message):
+    """Bad input gets a 400 with the reason on the form, and no session."""
+    response = alice_client.post(reverse("sessions:new"), data)
+    assert response.status_code == 400
+    assert message in response.content.decode()
+    assert not Session.objects.exists()
+
+
+def test_other_users_session_is_not_found(alice_client, bob):
+    """Another user's session looks exactly like a missing one."""
+    session = services.session_start(owner=bob, task="Bob's", mode="one_shot")
+    assert alice_client.get(session.get_absolute_url()).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/sessions/not-a-uuid/", "/sessions/00000000-0000-0000-0000-000000000000/"])
+def test_unknown_or_malformed_ids_are_404(alice_client, path):
+    assert alice_client.get(path).status_code == 404
+
+
+def test_task_text_is_escaped(alice_client, alice):
+    """Task text is shown as text: markup in it never reaches the page as markup."""
+    session = services.session_start(owner=alice, task="<script>alert(1)</script> **bold** <img src=x onerror=alert(2)>", mode="one_shot")
+    body = alice_client.get(session.get_absolute_url()).content.decode()
+    assert "<script>alert(1)" not in body and "<img src=x" not in body
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
+    assert "<strong>bold</strong>" in body
+
+
+def test_one_time_login_link_works_once(client, alice, django_user_model):
+    """The link printed by ensure_admin logs in once; a second use is refused."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("ensure_admin", base_url="http://testserver", stdout=out)
+    text = out.getvalue()
+    assert "Created admin account 'admin' with password: " in text
+    password = text.split("password: ")[1].split()[0]
+    assert len(password) >= 12 and django_user_model.objects.get(username="admin").check_password(password)
+    link = text.split("One-time login link: ")[1].strip().replace("http://testserver", "")
+    assert client.get(link).status_code == 302
+    assert client.get(reverse("sessions:list")).status_code == 200
+    client.logout()
+    assert client.get(link).status_code == 400
+    out = StringIO()
+    call_command("ensure_admin", stdout=out)
+    assert "exists" in out.getvalue() and "password:" not in out.getvalue()
+
+
+def test_logout_is_a_post(alice_client):
+    assert alice_client.post(reverse("logout")).status_code == 302
+    assert alice_client.get(reverse("sessions:list")).status_code == 302
+
+
+def test_healthz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
