@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from uuid import UUID
+
+from django.conf import settings
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
@@ -51,3 +54,29 @@ def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
         "sessions/detail.html",
         {"session": session, "events": events, "last_seq": events[-1].seq if events else 0},
     )
+
+
+# Served inline; anything else (including SVG, which can carry script) is a download.
+INLINE_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
+
+
+@require_GET
+@login_required
+def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileResponse:
+    """A file written by the session's code, for its owner only."""
+    session = selectors.session_for_user(session_id, request.user)
+    if session is None:
+        raise Http404("No such session.")
+    root = (Path(settings.RUNS_DIR) / str(session.pk)).resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root) or ".code" in target.relative_to(root).parts or not target.is_file():
+        raise Http404("No such file.")
+    content_type = INLINE_IMAGE_TYPES.get(target.suffix.lower())
+    response = FileResponse(
+        target.open("rb"),
+        as_attachment=content_type is None,
+        filename=target.name,
+        content_type=content_type or "application/octet-stream",
+    )
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response

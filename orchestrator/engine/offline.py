@@ -73,7 +73,8 @@ def _text_of(message: LLMMessage) -> str:
 
 def topic_of(task: str) -> str:
     """A short phrase naming the task, used to word plans and summaries."""
-    words = re.sub(r"\s+", " ", task).strip().rstrip(".?!").split(" ")
+    plain = re.sub(r"[*_`#>\[\]]", "", task)  # markdown marks would be noise in step titles
+    words = re.sub(r"\s+", " ", plain).strip().rstrip(".?!").split(" ")
     phrase = " ".join(words[:12])
     return phrase[0].lower() + phrase[1:] if phrase else "the task"
 

@@ -7,6 +7,7 @@ does not grow with the history, so saving one after every event is O(1).
 """
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -87,13 +88,16 @@ class SwarmOrchestrator:
         self.max_turns = max_turns
         self.state = Checkpoint()
         self.outcome: RunOutcome | None = None
-        self._pending_artifacts: list[dict[str, Any]] = []
+        # Artifacts of each execute_code call, oldest first. autogen runs the team
+        # ahead of the consumer of run_stream, so artifacts are matched to their
+        # own tool result, in call order, never to whatever event comes next.
+        self._artifacts_by_execution: collections.deque[list[dict[str, Any]]] = collections.deque()
         self._handoff_tokens: dict[str, int] | None = None
 
     async def execute_code(self, code: str) -> str:
         """Run a Python code block in the run's working directory and return its output."""
         result = await self.runner.execute(code)
-        self._pending_artifacts.extend(result.artifacts)
+        self._artifacts_by_execution.append(result.artifacts)
         return result.summary()
 
     def _team(self) -> Swarm:
@@ -182,9 +186,9 @@ class SwarmOrchestrator:
                         data={**role, "name": result.name, "call_id": result.call_id, "is_error": bool(result.is_error)},
                     )
                 )
-            for artifact in self._pending_artifacts:
-                events.append(EngineEvent(EventKind.ARTIFACT, agent=source, content=artifact["path"], data=artifact))
-            self._pending_artifacts.clear()
+                if result.name == "execute_code" and self._artifacts_by_execution:
+                    for artifact in self._artifacts_by_execution.popleft():
+                        events.append(EngineEvent(EventKind.ARTIFACT, agent=source, content=artifact["path"], data=artifact))
         elif isinstance(item, HandoffMessage):
             spent = self._handoff_tokens or {"prompt_tokens": 0, "completion_tokens": 0}
             self._handoff_tokens = None

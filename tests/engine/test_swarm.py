@@ -118,3 +118,19 @@ def test_unknown_mode_is_refused(tmp_path, mode):
     """An unknown mode is a clear error before anything runs."""
     with pytest.raises(ValueError):
         SwarmOrchestrator(task=TASK, mode=mode, work_dir=tmp_path)
+
+
+async def test_artifacts_follow_their_own_tool_result_when_the_consumer_is_slow(tmp_path):
+    """The team runs ahead of a slow consumer; artifacts still come right after the result that made them."""
+    import asyncio
+
+    engine = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path)
+    events = []
+    async for event, _ in engine.run():
+        events.append(event)
+        await asyncio.sleep(0.01)  # a consumer writing each event to a database
+    kinds = [e.kind for e in events]
+    first = kinds.index(EventKind.ARTIFACT)
+    assert kinds[first - 1] == EventKind.TOOL_RESULT and events[first - 1].data["name"] == "execute_code"
+    assert kinds[first : first + 2] == [EventKind.ARTIFACT, EventKind.ARTIFACT]
+    assert kinds.count(EventKind.ARTIFACT) == 2

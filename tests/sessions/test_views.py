@@ -106,3 +106,34 @@ def test_logout_is_a_post(alice_client):
 
 def test_healthz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+class TestSessionFiles:
+    @pytest.fixture
+    def files(self, settings, alice):
+        session = services.session_start(owner=alice, task="plots", mode="one_shot")
+        root = settings.RUNS_DIR / str(session.pk)
+        (root / ".code").mkdir(parents=True)
+        (root / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+        (root / "data.csv").write_text("x,y\n1,2\n")
+        (root / "evil.svg").write_text("<svg onload=alert(1)>")
+        (root / ".code" / "block_001.py").write_text("print(1)")
+        (settings.RUNS_DIR / "secret.txt").write_text("not yours")
+        return session
+
+    def test_owner_gets_images_inline_and_data_as_download(self, alice_client, files):
+        image = alice_client.get(reverse("sessions:file", args=[files.pk, "plot.png"]))
+        assert image.status_code == 200 and image["Content-Type"] == "image/png"
+        assert "attachment" not in image.get("Content-Disposition", "")
+        data = alice_client.get(reverse("sessions:file", args=[files.pk, "data.csv"]))
+        assert data.status_code == 200 and data["Content-Disposition"].startswith("attachment")
+        svg = alice_client.get(reverse("sessions:file", args=[files.pk, "evil.svg"]))
+        assert svg["Content-Type"] == "application/octet-stream" and "sandbox" in svg["Content-Security-Policy"]
+
+    @pytest.mark.parametrize("path", ["../secret.txt", ".code/block_001.py", "missing.png", "..%2Fsecret.txt"])
+    def test_paths_outside_the_outputs_are_not_found(self, alice_client, files, path):
+        assert alice_client.get(f"/sessions/{files.pk}/files/{path}").status_code == 404
+
+    def test_other_users_cannot_fetch_files(self, client, bob, files):
+        client.force_login(bob)
+        assert client.get(reverse("sessions:file", args=[files.pk, "plot.png"])).status_code == 404
