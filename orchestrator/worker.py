@@ -23,7 +23,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from orchestrator.engine import SwarmOrchestrator
-from orchestrator.engine.events import EventKind
+from orchestrator.engine.events import EngineEvent, EventKind
+from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
 from sessions import services
 from sessions.groups import WORKER_CHANNEL
 from sessions.models import Run, Session
@@ -112,12 +113,15 @@ class RunWorker:
         append = database_sync_to_async(services.event_append)
         status, detail = Run.Status.FAILED, ""
         try:
+            model = ModelConfig.from_env(provider=session.model_provider)
             engine = SwarmOrchestrator(
                 task=session.task,
                 mode=session.mode,
                 work_dir=Path(settings.RUNS_DIR) / str(session.pk),
+                model=model,
                 max_turns=session.config.get("max_turns"),
             )
+            await check_reachable(model)
             async for event, checkpoint in engine.run():
                 if event.kind in TAIL_KINDS:
                     tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
@@ -140,6 +144,10 @@ class RunWorker:
         except asyncio.CancelledError:
             status, detail = Run.Status.CANCELLED, "The worker stopped."
             raise
+        except ModelConfigError as exc:
+            logger.warning("run %s cannot start: %s", run.pk, exc)
+            detail = str(exc)
+            await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail))
         except Exception as exc:  # noqa: BLE001 - recorded as the run's failure, with its cause
             logger.exception("run %s failed", run.pk)
             detail = f"{type(exc).__name__}: {exc}"

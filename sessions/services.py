@@ -7,6 +7,7 @@ listeners read the rows themselves, so a dropped note loses nothing.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -116,7 +117,9 @@ def save_session_state(
 # --- sessions ---------------------------------------------------------------
 
 
-def session_start(*, owner, task: str, mode: str, title: str = "", config: dict[str, Any] | None = None) -> Session:
+def session_start(
+    *, owner, task: str, mode: str, title: str = "", config: dict[str, Any] | None = None, model_provider: str = ""
+) -> Session:
     """Create a session with its state and a queued first run, and wake a worker."""
     task = task.strip()
     if not task:
@@ -127,7 +130,14 @@ def session_start(*, owner, task: str, mode: str, title: str = "", config: dict[
         raise SessionError(f"Unknown mode {mode!r}; choose one of: {', '.join(Session.Mode.values)}.")
     title = (title.strip() or " ".join(task.split())[:80]).strip()
     with transaction.atomic():
-        session = Session.objects.create(owner=owner, task=task, mode=mode, title=title[:200], config=config or {})
+        session = Session.objects.create(
+            owner=owner,
+            task=task,
+            mode=mode,
+            title=title[:200],
+            config=config or {},
+            model_provider=model_provider or os.environ.get("CMBAGENT_MODEL_PROVIDER", "offline"),
+        )
         SessionState.objects.create(session=session)
         run = Run.objects.create(session=session, number=1)
         _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."))

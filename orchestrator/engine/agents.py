@@ -130,6 +130,7 @@ def build_agents(
     *,
     client_for: Callable[[str], ChatCompletionClient],
     tools: dict[str, Callable[..., object]],
+    stream: bool = False,
 ) -> list[AssistantAgent]:
     """Build the autogen agents of ``roster``, handoffs limited to that roster."""
     taking_part = set(roster)
@@ -148,6 +149,7 @@ def build_agents(
                     for tool in spec.tools
                 ],
                 reflect_on_tool_use=False,
+                model_client_stream=stream,
             )
         )
     return agents

@@ -30,7 +30,8 @@ from orchestrator.engine.agents import build_agents, role_of
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.execution import CodeRunner
 from orchestrator.engine.modes import Mode
-from orchestrator.engine.offline import PLAN_LINE, STEP_MARK, OfflineChatCompletionClient
+from orchestrator.engine.models import ModelConfig, client_factory
+from orchestrator.engine.offline import PLAN_LINE, STEP_MARK
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class SwarmOrchestrator:
         task: str,
         mode: Mode | str,
         work_dir: Path,
+        model: ModelConfig | None = None,
         client_for: Callable[[str], ChatCompletionClient] | None = None,
         max_turns: int | None = None,
         code_timeout: float = 30.0,
@@ -84,7 +86,9 @@ class SwarmOrchestrator:
         self.task = task
         self.mode = Mode(mode)
         self.runner = CodeRunner(work_dir, timeout=code_timeout)
-        self.client_for = client_for or OfflineChatCompletionClient
+        self.model = model or ModelConfig()
+        # Validates the model settings now: a missing key fails before anything runs.
+        self.client_for = client_for or client_factory(self.model)
         self.max_turns = max_turns
         self.state = Checkpoint()
         self.outcome: RunOutcome | None = None
@@ -105,6 +109,7 @@ class SwarmOrchestrator:
             self.mode.roster,
             client_for=self.client_for,
             tools={"execute_code": self.execute_code},
+            stream=self.model.provider == "openai" and self.model.stream,
         )
         return Swarm(
             agents,

@@ -151,3 +151,17 @@ async def test_serving_worker_wakes_on_new_session(alice):
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
     assert session_now.last_seq > 10
+
+
+async def test_bad_model_settings_fail_the_run_before_it_starts(alice, monkeypatch):
+    """An OpenAI provider without key or endpoint fails at once, with the fix named in an error event."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    session = await database_sync_to_async(services.session_start)(
+        owner=alice, task="t", mode="one_shot", model_provider="openai"
+    )
+    await _run_once(RunWorker(worker_id="w-nokey"))
+    session, run, _ = await _reload(session)
+    assert (session.status, run.status) == ("failed", "failed")
+    assert "set OPENAI_API_KEY" in run.error
+    assert [kind for _, kind, _ in await _log(session)] == ["status", "status", "error", "status"]
