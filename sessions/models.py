@@ -14,6 +14,8 @@ class Session(models.Model):
     class Mode(models.TextChoices):
         ONE_SHOT = EngineMode.ONE_SHOT.value, EngineMode.ONE_SHOT.label
         PLANNING_AND_CONTROL = EngineMode.PLANNING_AND_CONTROL.value, EngineMode.PLANNING_AND_CONTROL.label
+        IDEA_GENERATION = EngineMode.IDEA_GENERATION.value, EngineMode.IDEA_GENERATION.label
+        COPILOT = EngineMode.COPILOT.value, EngineMode.COPILOT.label
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"

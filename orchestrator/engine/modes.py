@@ -7,12 +7,16 @@ import enum
 class Mode(enum.StrEnum):
     ONE_SHOT = "one_shot"
     PLANNING_AND_CONTROL = "planning_and_control"
+    IDEA_GENERATION = "idea_generation"
+    COPILOT = "copilot"
 
     @property
     def label(self) -> str:
         return {
             Mode.ONE_SHOT: "One shot",
             Mode.PLANNING_AND_CONTROL: "Planning and control",
+            Mode.IDEA_GENERATION: "Idea generation",
+            Mode.COPILOT: "Copilot",
         }[self]
 
     @property
@@ -30,14 +34,32 @@ class Mode(enum.StrEnum):
                 "summarizer",
                 "terminator",
             ),
+            Mode.IDEA_GENERATION: ("idea_maker", "idea_hater", "summarizer", "terminator"),
+            Mode.COPILOT: (
+                "copilot_control",
+                "engineer",
+                "executor",
+                "researcher",
+                "planner",
+                "plan_reviewer",
+                "control",
+                "summarizer",
+                "terminator",
+            ),
         }[self]
 
-    def phase_of(self, agent: str) -> str:
-        """The phase a speaking agent belongs to in this mode."""
-        if self is Mode.ONE_SHOT:
-            return "summary" if agent in ("summarizer", "terminator") else "one_shot"
-        if agent in ("planner", "plan_reviewer"):
-            return "planning"
+    def phase_of(self, agent: str, *, planned: bool = False) -> str:
+        """The phase a speaking agent belongs to in this mode (``planned``: a plan exists)."""
         if agent in ("summarizer", "terminator"):
             return "summary"
+        if self is Mode.ONE_SHOT:
+            return "one_shot"
+        if self is Mode.IDEA_GENERATION:
+            return "idea_generation"
+        if agent == "copilot_control":
+            return "copilot"
+        if agent in ("planner", "plan_reviewer"):
+            return "planning"
+        if self is Mode.COPILOT and not planned:
+            return "one_shot"
         return "control"

@@ -300,20 +300,62 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             thought = ("The code ran successfully." if ok else "The code failed; see the errors above.") + (
                 "\n\n" + result.splitlines()[0] if result else ""
             )
-            return thought, self._handoff("control", tools, "summarizer")
+            # After a planned step, back to control; after a one-shot answer, on to the summary.
+            return thought, self._handoff("control" if self._plan(texts) else "summarizer", tools, "summarizer")
         blocks = [b for t in texts for b in CODE_BLOCK.findall(t)]
         if not blocks:
             return "There is no code to run.", self._handoff("control", tools, "summarizer")
         call_id = hashlib.sha256(blocks[-1].encode()).hexdigest()[:12]
         return None, [FunctionCall(id=f"call_{call_id}", name="execute_code", arguments=json.dumps({"code": blocks[-1]}))]
 
+    def _as_copilot_control(self, *, task, messages, texts, tools):
+        # A request that asks for several things, or is long, gets a plan; a
+        # single focused request gets a direct, one-shot answer.
+        words = task.split()
+        planned = len(words) > 25 or bool(re.search(r"\b(plan|steps|and then|pipeline|analysis)\b", task, re.I))
+        if planned:
+            thought = "**Route: planning.** The request has several parts, so the team will agree on a plan first."
+            return thought, self._handoff("planner", tools, "engineer")
+        thought = "**Route: one shot.** The request is focused; the engineer will answer it directly."
+        return thought, self._handoff("engineer", tools, "planner")
+
+    def _as_idea_maker(self, *, task, messages, texts, tools):
+        topic = topic_of(task)
+        if not self._own_turns(messages):
+            ideas = [
+                f"Measure how {topic} changes with the damping scale, using a grid of simulations",
+                f"Compare {topic} against a simple analytic approximation and quantify the error",
+                f"Look for a signature of {topic} in public survey data",
+            ]
+            body = "## Ideas\n\n" + "\n".join(f"{i}. {idea}" for i, idea in enumerate(ideas, 1))
+        else:
+            body = (
+                "## Refined ideas\n\n1. Keep idea 2, scoped to one analytic approximation and one error metric.\n"
+                "2. Merge ideas 1 and 3: a small simulation grid checked against one public data set."
+            )
+        return body, self._handoff("idea_hater", tools, "summarizer")
+
+    def _as_idea_hater(self, *, task, messages, texts, tools):
+        if not self._own_turns(messages):
+            body = (
+                "## Critique\n\n- Idea 1 is costly: a grid of simulations needs a clear question first.\n"
+                "- Idea 2 is cheap and testable.\n- Idea 3 depends on data access we may not have.\n\nPlease refine."
+            )
+            return body, self._handoff("idea_maker", tools, "summarizer")
+        body = "**Selected:** refined idea 1 — it is feasible now and gives a number that can be checked."
+        return body, self._handoff("summarizer", tools, "summarizer")
+
     def _as_summarizer(self, *, task, messages, texts, tools):
         steps = self._plan(texts)
         executed = sum(1 for t in texts if "execution succeeded" in t)
         lines = [f"## Summary\n\nTask: *{topic_of(task)}*."]
+        selected = [t for t in texts if "**Selected:**" in t]
+        if selected:
+            lines.append(selected[-1])
         if steps:
             lines.append(f"The team followed a {len(steps)}-step plan.")
-        lines.append(f"Code was executed {executed} time(s) successfully; results and plots were saved.")
+        if executed:
+            lines.append(f"Code was executed {executed} time(s) successfully; results and plots were saved.")
         return "\n\n".join(lines), self._handoff("terminator", tools, "terminator")
 
     def _as_terminator(self, *, task, messages, texts, tools):

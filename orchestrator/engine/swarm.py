@@ -144,7 +144,7 @@ class SwarmOrchestrator:
     def _enter(self, agent: str) -> list[EngineEvent]:
         """Phase divider events when ``agent`` speaks in a new phase."""
         self.state.speaker = agent
-        phase = self.mode.phase_of(agent)
+        phase = self.mode.phase_of(agent, planned=bool(self.state.plan))
         if phase == self.state.phase:
             return []
         self.state.phase = phase

@@ -134,3 +134,34 @@ async def test_artifacts_follow_their_own_tool_result_when_the_consumer_is_slow(
     assert kinds[first - 1] == EventKind.TOOL_RESULT and events[first - 1].data["name"] == "execute_code"
     assert kinds[first : first + 2] == [EventKind.ARTIFACT, EventKind.ARTIFACT]
     assert kinds.count(EventKind.ARTIFACT) == 2
+
+
+async def test_idea_generation_makes_critiques_and_selects(tmp_path):
+    """Idea maker and critic go two rounds; the summary names the selected idea."""
+    engine, events, _ = await _run(tmp_path, "idea_generation")
+    assert engine.outcome.status == "completed"
+    speakers = [e.agent for e in events if e.kind == EventKind.MESSAGE]
+    assert speakers == ["idea_maker", "idea_hater", "idea_maker", "idea_hater", "summarizer", "terminator"]
+    assert [e.content for e in events if e.kind == EventKind.PHASE] == ["idea_generation", "summary"]
+    summary = next(e for e in events if e.kind == EventKind.MESSAGE and e.agent == "summarizer")
+    assert "**Selected:** refined idea 1" in summary.content
+    assert EventKind.TOOL_CALL not in {e.kind for e in events}
+
+
+@pytest.mark.parametrize(
+    ("task", "route", "phases"),
+    [
+        ("Make a plan to estimate the sound horizon", "planner", ["copilot", "planning", "control", "summary"]),
+        ("Compute a damped cosine and then fit its decay rate", "planner", ["copilot", "planning", "control", "summary"]),
+        ("Plot a damped cosine", "engineer", ["copilot", "one_shot", "summary"]),
+    ],
+)
+async def test_copilot_routes_each_request(tmp_path, task, route, phases):
+    """copilot_control sends a focused request to the engineer and a multi-part one to planning."""
+    engine = SwarmOrchestrator(task=task, mode="copilot", work_dir=tmp_path)
+    events = [e async for e, _ in engine.run()]
+    assert engine.outcome.status == "completed"
+    first_handoff = next(e for e in events if e.kind == EventKind.HANDOFF)
+    assert (first_handoff.agent, first_handoff.content) == ("copilot_control", route)
+    assert [e.content for e in events if e.kind == EventKind.PHASE] == phases
+    assert any(e.kind == EventKind.ARTIFACT for e in events)
