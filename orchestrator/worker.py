@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from channels.db import database_sync_to_async
@@ -27,7 +28,7 @@ from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
 from sessions import services
 from sessions.groups import WORKER_CHANNEL
-from sessions.models import Run, Session
+from sessions.models import Event, Run, Session
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,11 @@ class RunWorker:
                 logger.warning("worker %s lost the lease of run %s", self.worker_id, run_id)
                 return
 
-    async def execute(self, run: Run) -> None:
-        """Run the engine for ``run`` and persist every event it yields."""
+    async def execute(self, run: Run, *, observer: Callable[[Event], None] | None = None) -> None:
+        """Run the engine for ``run`` and persist every event it yields.
+
+        ``observer``, if given, sees each Event row after it is committed.
+        """
         session = await _load_session(run.session_id)
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run.pk))
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
@@ -125,13 +129,15 @@ class RunWorker:
             async for event, checkpoint in engine.run():
                 if event.kind in TAIL_KINDS:
                     tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
-                await append(
+                row = await append(
                     session_id=session.pk,
                     run_id=run.pk,
                     event=event,
                     checkpoint=checkpoint,
                     conversation_tail=list(tail),
                 )
+                if observer is not None:
+                    observer(row)
             outcome = engine.outcome
             if outcome is None:
                 detail = "The team stopped without saying why."
