@@ -38,10 +38,13 @@ def _visible_session(session_id: uuid.UUID, user) -> Session | None:
 @database_sync_to_async
 def _render_after(session_id: uuid.UUID, after: int) -> tuple[str, int, int]:
     """Fragments for up to BATCH events after ``after``: (html, new cursor, count)."""
+    # The session first, then the rows: the status and totals pushed with a
+    # batch may lag its rows, never run ahead of them ("completed" with the
+    # last events still missing).
+    session = Session.objects.select_related("state").get(pk=session_id)
     rows = events_after(session_id, after, limit=BATCH)
     if not rows:
         return "", after, 0
-    session = Session.objects.select_related("state").get(pk=session_id)
     html = render_to_string("sessions/push.html", {"events": rows, "session": session})
     return html, rows[-1].seq, len(rows)
 

@@ -318,12 +318,18 @@ def live_server_url(e2e_server: E2EServer) -> str:
 # --- the browser -------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
+    """Headless Chromium, closed when the tests of this package are done.
+
+    Not session scope: while Playwright's sync API is open, asyncio sees a running
+    loop in this thread, and every pytest-asyncio test collected after this package
+    fails with "Runner.run() cannot be called from a running event loop".
+    """
     if not CHROMIUM.exists():
         if _under_ci():
-            pytest.fail("Chromium is required under CI (expected /usr/bin/chromium)")
-        pytest.skip("Chromium is not installed at /usr/bin/chromium")
+            pytest.fail(f"Chromium is required under CI (expected {CHROMIUM})")
+        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -349,6 +355,8 @@ def new_context(browser, request):
     On a failed test a screenshot of every open page goes to the artifacts folder.
     """
     contexts = []
+    for stale in SCREENSHOTS_DIR.glob(f"FAILED-{_slug(request.node.name)}-*.png"):
+        stale.unlink(missing_ok=True)
 
     def make(**kwargs):
         ctx = browser.new_context(**kwargs)

@@ -18,7 +18,7 @@ XSS_TASK = f"Check escaping: {XSS_MARKUP} end."
 # articles present at DOMContentLoaded and every article added afterwards.
 LIVE_PROBE = """
 (() => {
-  window.__e2e = {initial: null, initialSeqs: [], addedSeqs: [], statuses: []};
+  window.__e2e = {initial: null, initialSeqs: [], addedSeqs: [], statuses: [], articlesWhenCompleted: null};
   document.addEventListener('DOMContentLoaded', () => {
     const transcript = document.getElementById('transcript');
     if (!transcript) return;
@@ -39,7 +39,10 @@ LIVE_PROBE = """
     const head = badge && badge.parentElement;
     if (head) new MutationObserver(() => {
       const now = document.getElementById('session-status');
-      if (now) window.__e2e.statuses.push(now.dataset.status);
+      if (!now) return;
+      window.__e2e.statuses.push(now.dataset.status);
+      if (now.dataset.status === 'completed' && window.__e2e.articlesWhenCompleted === null)
+        window.__e2e.articlesWhenCompleted = transcript.querySelectorAll('article[data-seq]').length;
     }).observe(head, {childList: true, subtree: true, attributes: true});
   });
 })();
@@ -149,6 +152,8 @@ def test_planning_run_streams_live_and_survives_reload(
 
     before = dom_transcript(page)
     assert_matches_db(before, db_events)
+    assert any(e["kind"] == "artifact" for e in before), "the engineer's code produced no files"
+    expect(page.locator("#transcript .badge--failed")).to_have_count(0)
     agents = {e["agent"] for e in before if e["kind"] == "message"}
     assert PLANNING_AGENTS <= agents, f"missing messages from {sorted(PLANNING_AGENTS - agents)}"
     assert e2e_server.db_session(session_id)["status"] == "completed"
@@ -183,11 +188,19 @@ def test_other_users_and_anonymous_are_refused(
     assert own["opened"] and own["code"] is None and own["messages"], own
     assert any('data-seq="1"' in m for m in own["messages"]), own["messages"][:1]
 
+    # The run's files: the owner can fetch them.
+    file_urls = alice.eval_on_selector_all("#transcript .artifact a[href]", "links => links.map(a => a.getAttribute('href'))")
+    assert file_urls, "the one_shot run showed no artifact links"
+    for url in file_urls:
+        assert alice.request.get(live_server_url + url).status == 200, url
+
     bob = new_context().new_page()
     login(bob, accounts["bob"])
     response = bob.goto(live_server_url + f"/sessions/{session_id}/")
     assert response is not None and response.status == 404
     assert "A private task for alice only" not in bob.content()
+    for url in file_urls:
+        assert bob.request.get(live_server_url + url).status == 404, f"bob can fetch alice's file {url}"
     refused = bob.evaluate(SOCKET_JS, {"path": socket_path, "untilMessage": False})
     assert refused["code"] == 4403, refused
     assert refused["messages"] == [], "the socket leaked data to another user"
@@ -201,7 +214,8 @@ def test_other_users_and_anonymous_are_refused(
 
 
 def test_task_markup_is_shown_as_text(e2e_server, live_server_url, context, login, accounts):
-    """Markup in a task is shown as text, both when pushed live and after a reload; no script runs."""
+    """Markup in a task is shown as text, in the page and in messages pushed live, before and after a
+    reload; no script from it ever runs."""
     context.add_init_script(LIVE_PROBE)
     page = context.new_page()
     login(page, accounts["alice"])
@@ -210,8 +224,14 @@ def test_task_markup_is_shown_as_text(e2e_server, live_server_url, context, logi
     db_events = e2e_server.db_events(session_id)
     expect(page.locator("#transcript article[data-seq]")).to_have_count(len(db_events))
     assert_matches_db(dom_transcript(page), db_events)
-    # A one_shot run is shorter than planning_and_control's 38 events.
+    # Measured, not assumed: a one_shot run is shorter than planning_and_control's 38 events.
     assert 3 < len(db_events) < 38
+
+    # The agents quote the task; the quoting messages (markup included) must be pushed live as text.
+    quoting = [e["seq"] for e in db_events if e["kind"] == "message" and "<img src=x onerror=" in e["content"]]
+    assert quoting, "no message quotes the task's markup: this test would not exercise the pushed path"
+    pushed = page.evaluate("window.__e2e.addedSeqs")
+    assert set(quoting) <= set(pushed), f"quoting events {quoting} were not pushed live (pushed: {pushed})"
 
     for state in ("live", "reloaded"):
         if state == "reloaded":
@@ -221,12 +241,15 @@ def test_task_markup_is_shown_as_text(e2e_server, live_server_url, context, logi
         # its first 80 characters, so this is the task itself, wherever the page shows it).
         expect(page.locator("main")).to_contain_text(XSS_MARKUP)
         expect(page.locator("h1")).to_contain_text("<script>window.__xss=1</script>")
-        assert page.locator("main script, main img").count() == 0, "task markup became elements"
+        for seq in quoting:
+            expect(page.locator(f'#transcript article[data-seq="{seq}"]')).to_contain_text('<img src=x onerror="window')
+        assert page.locator("main script").count() == 0, "task markup became a <script> element"
+        assert page.locator('img[src="x"], [onerror]').count() == 0, "task markup became an <img onerror> element"
         assert page.evaluate("typeof window.__xss") == "undefined", f"script ran ({state})"
 
     page.goto(live_server_url + "/sessions/")
     expect(page.locator(f"#session-row-{session_id} a")).to_contain_text("<script>window.__xss=1</script>")
-    assert page.locator("table.sessions img, table.sessions script").count() == 0
+    assert page.locator('main script, img[src="x"], [onerror]').count() == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
 
 
