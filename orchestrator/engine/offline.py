@@ -237,8 +237,13 @@ class OfflineChatCompletionClient(ChatCompletionClient):
                 return [(agent, desc) for _, agent, desc in PLAN_LINE.findall(text)]
         return []
 
-    def _own_turns(self, messages: list[LLMMessage]) -> list[AssistantMessage]:
-        return [m for m in messages if isinstance(m, AssistantMessage) and m.source == self.agent]
+    def _said(self, messages: list[LLMMessage]) -> list[str]:
+        """What this agent said before: its own replies, or the same replayed to it from the log."""
+        return [
+            _text_of(m)
+            for m in messages
+            if isinstance(m, AssistantMessage | UserMessage) and m.source == self.agent
+        ]
 
     def _as_planner(self, *, task, messages, texts, tools):
         steps = plan_for(task)
@@ -256,7 +261,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
 
     def _as_control(self, *, task, messages, texts, tools):
         steps = self._plan(texts) or plan_for(task)
-        done = sum(1 for m in self._own_turns(messages) if STEP_MARK.search(m.thought or ""))
+        done = sum(1 for text in self._said(messages) if STEP_MARK.search(text))
         if done >= len(steps):
             return f"All {len(steps)} steps are done. Handing over for the summary.", self._handoff(
                 "summarizer", tools, "summarizer"
@@ -293,20 +298,20 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         return thought, self._handoff("executor", tools, "executor")
 
     def _as_executor(self, *, task, messages, texts, tools):
-        last = messages[-1] if messages else None
-        if isinstance(last, FunctionExecutionResultMessage):
-            result = last.content[0].content if last.content else ""
-            ok = "execution succeeded" in result
+        last_code = max((i for i, t in enumerate(texts) if CODE_BLOCK.search(t)), default=None)
+        if last_code is None:
+            return "There is no code to run.", self._handoff("control", tools, "summarizer")
+        reports = [t for t in texts[last_code + 1 :] if t.startswith("exitcode:") or "time limit exceeded" in t]
+        if reports:
+            ok = "execution succeeded" in reports[-1]
             thought = ("The code ran successfully." if ok else "The code failed; see the errors above.") + (
-                "\n\n" + result.splitlines()[0] if result else ""
+                "\n\n" + reports[-1].splitlines()[0]
             )
             # After a planned step, back to control; after a one-shot answer, on to the summary.
             return thought, self._handoff("control" if self._plan(texts) else "summarizer", tools, "summarizer")
-        blocks = [b for t in texts for b in CODE_BLOCK.findall(t)]
-        if not blocks:
-            return "There is no code to run.", self._handoff("control", tools, "summarizer")
-        call_id = hashlib.sha256(blocks[-1].encode()).hexdigest()[:12]
-        return None, [FunctionCall(id=f"call_{call_id}", name="execute_code", arguments=json.dumps({"code": blocks[-1]}))]
+        code = CODE_BLOCK.findall(texts[last_code])[-1]
+        call_id = hashlib.sha256(code.encode()).hexdigest()[:12]
+        return None, [FunctionCall(id=f"call_{call_id}", name="execute_code", arguments=json.dumps({"code": code}))]
 
     def _as_copilot_control(self, *, task, messages, texts, tools):
         # A request that asks for several things, or is long, gets a plan; a
@@ -321,7 +326,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
 
     def _as_idea_maker(self, *, task, messages, texts, tools):
         topic = topic_of(task)
-        if not self._own_turns(messages):
+        if not self._said(messages):
             ideas = [
                 f"Measure how {topic} changes with the damping scale, using a grid of simulations",
                 f"Compare {topic} against a simple analytic approximation and quantify the error",
@@ -336,7 +341,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         return body, self._handoff("idea_hater", tools, "summarizer")
 
     def _as_idea_hater(self, *, task, messages, texts, tools):
-        if not self._own_turns(messages):
+        if not self._said(messages):
             body = (
                 "## Critique\n\n- Idea 1 is costly: a grid of simulations needs a clear question first.\n"
                 "- Idea 2 is cheap and testable.\n- Idea 3 depends on data access we may not have.\n\nPlease refine."
@@ -347,7 +352,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
 
     def _as_summarizer(self, *, task, messages, texts, tools):
         steps = self._plan(texts)
-        executed = sum(1 for t in texts if "execution succeeded" in t)
+        executed = sum(1 for t in texts if t.startswith("exitcode: 0"))
         lines = [f"## Summary\n\nTask: *{topic_of(task)}*."]
         selected = [t for t in texts if "**Selected:**" in t]
         if selected:

@@ -4,12 +4,19 @@ Every autogen message becomes one or more typed :class:`EngineEvent` objects,
 each paired with a checkpoint: the small dict of what the event log itself does
 not hold (phase, step, plan, counters, context variables). A checkpoint's size
 does not grow with the history, so saving one after every event is O(1).
+
+The checkpoint is a fold over the events (:meth:`Checkpoint.apply`), and the
+conversation is the events themselves, so a run can be continued from its log
+alone: :meth:`SwarmOrchestrator.run` with ``history`` replays the log up to its
+last complete turn into a fresh Swarm and goes on from there. Events of an
+unfinished turn at the end of the log are produced again by the team and
+recognised, not repeated.
 """
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,25 +24,29 @@ from typing import Any
 from autogen_agentchat.base import TaskResult
 from autogen_agentchat.conditions import TextMentionTermination
 from autogen_agentchat.messages import (
+    BaseChatMessage,
     HandoffMessage,
     TextMessage,
     ThoughtEvent,
     ToolCallExecutionEvent,
     ToolCallRequestEvent,
+    ToolCallSummaryMessage,
 )
 from autogen_agentchat.teams import Swarm
-from autogen_core.models import ChatCompletionClient
+from autogen_core import FunctionCall
+from autogen_core.models import ChatCompletionClient, FunctionExecutionResult
 
 from orchestrator.engine.agents import build_agents, role_of
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.execution import CodeRunner
-from orchestrator.engine.modes import Mode
 from orchestrator.engine.models import ModelConfig, client_factory
+from orchestrator.engine.modes import Mode
 from orchestrator.engine.offline import PLAN_LINE, STEP_MARK
 
 logger = logging.getLogger(__name__)
 
 HANDOFF_PREFIX = "transfer_to_"
+MAX_ROUNDS_REACHED = "max_rounds_reached"
 
 
 @dataclass(slots=True)
@@ -48,11 +59,14 @@ class RunOutcome:
 
 @dataclass(slots=True)
 class Checkpoint:
+    """What the event log does not say outright, derived from it event by event."""
+
     phase: str = ""
     step: int = 0
     plan: list[dict[str, Any]] = field(default_factory=list)
     speaker: str = ""
     turns: int = 0
+    continuations: int = 0
     context_variables: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,14 +76,103 @@ class Checkpoint:
             "plan": [dict(s) for s in self.plan],
             "speaker": self.speaker,
             "turns": self.turns,
+            "continuations": self.continuations,
             "context_variables": dict(self.context_variables),
         }
+
+    def apply(self, event: EngineEvent) -> None:
+        if event.kind == EventKind.PHASE:
+            self.phase = event.content
+        elif event.kind == EventKind.MESSAGE:
+            self.turns += 1
+            self.speaker = event.agent
+            if event.agent == "control" and self.plan and "steps are done" in event.content:
+                for step in self.plan:
+                    step["status"] = "done"
+        elif event.kind == EventKind.PLAN:
+            self.plan = [dict(s) for s in event.data["steps"]]
+            self.step = 0
+        elif event.kind == EventKind.STEP:
+            number = event.data["step"]
+            for step in self.plan:
+                if step["number"] < number:
+                    step["status"] = "done"
+                elif step["number"] == number:
+                    step["status"] = "running"
+            self.step = number
+
+
+def _ends_turn(events: Sequence[EngineEvent], i: int) -> bool:
+    """Whether the team could be started afresh right after ``events[i]``."""
+    event = events[i]
+    following = events[i + 1] if i + 1 < len(events) else None
+    if event.kind in (EventKind.TASK, EventKind.HANDOFF):
+        return True
+    if event.kind == EventKind.MESSAGE:
+        return bool(event.data.get("final"))
+    if event.kind in (EventKind.TOOL_RESULT, EventKind.ARTIFACT):
+        return following is None or following.kind not in (EventKind.ARTIFACT, EventKind.TOOL_RESULT)
+    return False
+
+
+def split_history(events: Sequence[EngineEvent]) -> tuple[list[EngineEvent], list[EngineEvent]]:
+    """The log up to its last complete turn, and the unfinished rest."""
+    for i in range(len(events) - 1, -1, -1):
+        if _ends_turn(events, i):
+            # Structure events right after a boundary (plan, step) belong to the turn before it.
+            return list(events[: i + 1]), list(events[i + 1 :])
+    return [], list(events)
+
+
+def messages_from_log(events: Sequence[EngineEvent]) -> list[BaseChatMessage]:
+    """The chat messages the team exchanged, rebuilt from engine events."""
+    messages: list[BaseChatMessage] = []
+    calls: dict[str, FunctionCall] = {}
+    for event in events:
+        if event.kind == EventKind.TASK:
+            messages.append(TextMessage(source="user", content=event.content))
+        elif event.kind == EventKind.MESSAGE:
+            messages.append(TextMessage(source=event.agent, content=event.content))
+        elif event.kind == EventKind.TOOL_CALL:
+            for call in event.data.get("calls", []):
+                calls[call["id"]] = FunctionCall(id=call["id"], name=call["name"], arguments=call["arguments"])
+        elif event.kind == EventKind.TOOL_RESULT:
+            call_id = event.data.get("call_id", "")
+            call = calls.get(call_id) or FunctionCall(id=call_id, name=event.data.get("name", ""), arguments="{}")
+            messages.append(
+                ToolCallSummaryMessage(
+                    source=event.agent,
+                    content=event.content,
+                    tool_calls=[call],
+                    results=[
+                        FunctionExecutionResult(
+                            content=event.content, name=call.name, call_id=call_id, is_error=bool(event.data.get("is_error"))
+                        )
+                    ],
+                )
+            )
+        elif event.kind == EventKind.HANDOFF:
+            target = event.data.get("target", event.content)
+            messages.append(
+                HandoffMessage(
+                    source=event.agent, target=target, content=f"Transferred to {target}, adopting the role of {target} immediately."
+                )
+            )
+    return messages
+
+
+def _same(a: EngineEvent, b: EngineEvent) -> bool:
+    return (a.kind, a.agent, a.content) == (b.kind, b.agent, b.content)
 
 
 class SwarmOrchestrator:
     """Runs one task with one mode's team and yields ``(event, checkpoint)`` pairs.
 
-    After :meth:`run` is exhausted, :attr:`outcome` says how it ended.
+    After :meth:`run` is exhausted, :attr:`outcome` says how it ended. Each
+    call of :meth:`run` has a budget of ``max_turns`` agent turns (rounds);
+    when it is spent the outcome is ``paused`` with reason
+    ``max_rounds_reached``, and calling :meth:`run` again with the log so far
+    continues with a fresh budget.
     """
 
     def __init__(
@@ -117,14 +220,33 @@ class SwarmOrchestrator:
             max_turns=self.max_turns,
         )
 
-    async def run(self) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
+    async def run(self, history: Sequence[EngineEvent] = ()) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
+        """Run the team, or continue it from ``history`` (the engine events logged so far)."""
+        self.outcome = None
+        done, unfinished = split_history([e for e in history if e.kind not in (EventKind.STATUS, EventKind.ERROR)])
+        self.state = Checkpoint()
+        for event in done:
+            self.state.apply(event)
+        task: str | list[BaseChatMessage] = self.task
+        if done:
+            self.state.continuations = sum(1 for e in history if e.kind == EventKind.STATUS and e.data.get("status") == "paused")
+            task = messages_from_log(done)
+        echoes = len(task) if isinstance(task, list) else 0
+        pending = collections.deque(unfinished)
         team = self._team()
         try:
-            async for item in team.run_stream(task=self.task):
+            async for item in team.run_stream(task=task):
+                if echoes:
+                    echoes -= 1  # the replayed messages come back first
+                    continue
                 if isinstance(item, TaskResult):
                     self.outcome = self._outcome_of(item)
                     continue
-                for event in self._translate(item):
+                for event in self._structured(self._translate(item)):
+                    if pending and _same(pending[0], event):
+                        pending.popleft()  # already in the log: not repeated
+                        continue
+                    pending.clear()
                     yield event, self.state.to_dict()
         except Exception as exc:  # noqa: BLE001 - any failure of the team ends the run visibly
             logger.exception("run failed")
@@ -133,22 +255,29 @@ class SwarmOrchestrator:
 
     def _outcome_of(self, result: TaskResult) -> RunOutcome:
         reason = result.stop_reason or ""
-        if "TERMINATE" in reason or "Text 'TERMINATE'" in reason:
-            return RunOutcome("completed", reason)
         if "Maximum number of turns" in reason:
-            return RunOutcome("paused", "max_rounds_reached")
+            return RunOutcome("paused", MAX_ROUNDS_REACHED)
         return RunOutcome("completed", reason)
 
     # --- translation --------------------------------------------------------
 
-    def _enter(self, agent: str) -> list[EngineEvent]:
-        """Phase divider events when ``agent`` speaks in a new phase."""
-        self.state.speaker = agent
-        phase = self.mode.phase_of(agent, planned=bool(self.state.plan))
-        if phase == self.state.phase:
-            return []
-        self.state.phase = phase
-        return [EngineEvent(EventKind.PHASE, agent=agent, content=phase, data={"phase": phase})]
+    def _structured(self, events: list[EngineEvent]) -> list[EngineEvent]:
+        """Add phase, plan and step events around ``events``, applying all to the state."""
+        out: list[EngineEvent] = []
+        for event in events:
+            agent = event.agent
+            if event.kind != EventKind.TASK and agent:
+                phase = self.mode.phase_of(agent, planned=bool(self.state.plan))
+                if phase != self.state.phase:
+                    out.append(EngineEvent(EventKind.PHASE, agent=agent, content=phase, data={"phase": phase}))
+                    self.state.apply(out[-1])
+            out.append(event)
+            self.state.apply(event)
+            if event.kind == EventKind.MESSAGE:
+                for derived in self._structure(agent, event.content):
+                    out.append(derived)
+                    self.state.apply(derived)
+        return out
 
     def _translate(self, item: object) -> list[EngineEvent]:
         usage = getattr(item, "models_usage", None)
@@ -159,16 +288,15 @@ class SwarmOrchestrator:
         source = getattr(item, "source", "")
         if isinstance(item, TextMessage) and source == "user":
             return [EngineEvent(EventKind.TASK, agent="user", content=item.content)]
-        events = self._enter(source) if source and source != "user" else []
         role = {"role": role_of(source)}
         if isinstance(item, ThoughtEvent | TextMessage):
-            self.state.turns += 1
-            events.append(EngineEvent(EventKind.MESSAGE, agent=source, content=item.content, data=role, **tokens))
-            events.extend(self._structure(source, item.content))
-        elif isinstance(item, ToolCallRequestEvent):
+            # A thought goes with a tool call or handoff of the same reply; a text message is a whole turn.
+            data = {**role, "final": isinstance(item, TextMessage)}
+            return [EngineEvent(EventKind.MESSAGE, agent=source, content=item.content, data=data, **tokens)]
+        if isinstance(item, ToolCallRequestEvent):
             calls = [c for c in item.content if not c.name.startswith(HANDOFF_PREFIX)]
             if calls:
-                events.append(
+                return [
                     EngineEvent(
                         EventKind.TOOL_CALL,
                         agent=source,
@@ -176,13 +304,15 @@ class SwarmOrchestrator:
                         data={**role, "calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]},
                         **tokens,
                     )
-                )
-            elif tokens["prompt_tokens"] or tokens["completion_tokens"]:
-                # A handoff-only call still cost tokens: carry them on the handoff event.
-                self._handoff_tokens = tokens
-        elif isinstance(item, ToolCallExecutionEvent):
-            results = [r for r in item.content if not r.name.startswith(HANDOFF_PREFIX)]
-            for result in results:
+                ]
+            # A handoff-only call still cost tokens: carry them on the handoff event.
+            self._handoff_tokens = tokens
+            return []
+        if isinstance(item, ToolCallExecutionEvent):
+            events = []
+            for result in item.content:
+                if result.name.startswith(HANDOFF_PREFIX):
+                    continue
                 events.append(
                     EngineEvent(
                         EventKind.TOOL_RESULT,
@@ -194,19 +324,13 @@ class SwarmOrchestrator:
                 if result.name == "execute_code" and self._artifacts_by_execution:
                     for artifact in self._artifacts_by_execution.popleft():
                         events.append(EngineEvent(EventKind.ARTIFACT, agent=source, content=artifact["path"], data=artifact))
-        elif isinstance(item, HandoffMessage):
+            return events
+        if isinstance(item, HandoffMessage):
             spent = self._handoff_tokens or {"prompt_tokens": 0, "completion_tokens": 0}
             self._handoff_tokens = None
-            events.append(
-                EngineEvent(
-                    EventKind.HANDOFF,
-                    agent=source,
-                    content=item.target,
-                    data={**role, "target": item.target, "target_role": role_of(item.target)},
-                    **spent,
-                )
-            )
-        return events
+            data = {**role, "target": item.target, "target_role": role_of(item.target)}
+            return [EngineEvent(EventKind.HANDOFF, agent=source, content=item.target, data=data, **spent)]
+        return []
 
     def _structure(self, agent: str, text: str) -> list[EngineEvent]:
         """Plan and step events read from what planner and control said."""
@@ -216,21 +340,10 @@ class SwarmOrchestrator:
                 for n, who, desc in PLAN_LINE.findall(text)
             ]
             if plan:
-                self.state.plan = plan
-                self.state.step = 0
                 return [EngineEvent(EventKind.PLAN, agent=agent, content=f"{len(plan)} steps", data={"steps": plan})]
         if agent == "control":
             match = STEP_MARK.search(text)
             if match:
                 number = int(match.group(1))
-                for step in self.state.plan:
-                    if step["number"] < number:
-                        step["status"] = "done"
-                    elif step["number"] == number:
-                        step["status"] = "running"
-                self.state.step = number
                 return [EngineEvent(EventKind.STEP, agent=agent, content=text, data={"step": number, "of": int(match.group(2))})]
-            if self.state.plan and "steps are done" in text:
-                for step in self.state.plan:
-                    step["status"] = "done"
         return []

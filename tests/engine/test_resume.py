@@ -1,0 +1,92 @@
+"""Pausing at the round budget and continuing from the event log alone."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.engine import EngineEvent, EventKind, SwarmOrchestrator
+from orchestrator.engine.swarm import split_history
+
+TASK = "Compute the damped oscillation of a CMB acoustic mode and plot it"
+
+
+def transcript(events):
+    """What a reader sees: everything but token counts, which depend on prompt length."""
+    return [(str(e.kind), e.agent, e.content, json.dumps(e.data, sort_keys=True)) for e in events]
+
+
+async def _collect(engine, history=()):
+    return [event async for event, _ in engine.run(history)]
+
+
+async def _uninterrupted(tmp_path, mode="planning_and_control"):
+    return await _collect(SwarmOrchestrator(task=TASK, mode=mode, work_dir=tmp_path / "whole"))
+
+
+async def test_pause_and_continue_gives_the_uninterrupted_transcript(tmp_path):
+    """max_rounds=3: the run pauses, each continue has a fresh budget, the end result is identical."""
+    whole = await _uninterrupted(tmp_path)
+    log: list[EngineEvent] = []
+    pauses = 0
+    engine = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "paused", max_turns=3)
+    while True:
+        log.extend(await _collect(engine, log))
+        if engine.outcome.status != "paused":
+            break
+        assert engine.outcome.reason == "max_rounds_reached"
+        pauses += 1
+        log.append(EngineEvent(EventKind.STATUS, data={"status": "paused"}))  # as the worker records it
+        assert pauses < 50
+    assert engine.outcome.status == "completed"
+    # One pause per full budget of 3 turns; a turn is each model reply (a text, or a thought with its call).
+    turns = sum(1 for e in whole if e.kind in (EventKind.HANDOFF, EventKind.TOOL_CALL) or e.data.get("final"))
+    assert pauses == (turns - 1) // 3
+    assert transcript([e for e in log if e.kind != EventKind.STATUS]) == transcript(whole)
+    assert engine.state.continuations == pauses
+    assert all(step["status"] == "done" for step in engine.state.plan)
+
+
+async def test_continuing_from_a_fresh_orchestrator(tmp_path):
+    """A new orchestrator object (as in a new process) continues from the log with nothing else."""
+    first = SwarmOrchestrator(task=TASK, mode="one_shot", work_dir=tmp_path / "run", max_turns=2)
+    log = await _collect(first)
+    assert first.outcome.status == "paused"
+    second = SwarmOrchestrator(task=TASK, mode="one_shot", work_dir=tmp_path / "run")
+    stored = json.loads(json.dumps([e.to_dict() for e in log]))
+    log += await _collect(second, [EngineEvent.from_dict(d) for d in stored])
+    assert second.outcome.status == "completed"
+    assert transcript(log) == transcript(await _uninterrupted(tmp_path, "one_shot"))
+
+
+def test_split_history_keeps_whole_turns():
+    """The log splits after its last complete turn; an unfinished turn is the remainder."""
+    events = [
+        EngineEvent(EventKind.TASK, agent="user", content="t"),
+        EngineEvent(EventKind.MESSAGE, agent="engineer", content="code", data={"final": False}),
+        EngineEvent(EventKind.HANDOFF, agent="engineer", content="executor"),
+        EngineEvent(EventKind.TOOL_CALL, agent="executor", content="execute_code"),
+    ]
+    done, rest = split_history(events)
+    assert done == events[:3] and rest == events[3:]
+    assert split_history(events[:2]) == (events[:1], events[1:2])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=35), mode=st.sampled_from(["planning_and_control", "one_shot", "copilot", "idea_generation"]))
+def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode):
+    """Stop at any event boundary, serialise the log, continue in a fresh orchestrator: same transcript."""
+
+    async def scenario():
+        base = tmp_path_factory.mktemp("resume")
+        whole = await _collect(SwarmOrchestrator(task=TASK, mode=mode, work_dir=base / "whole"))
+        at = min(cut, len(whole))
+        stored = json.loads(json.dumps([e.to_dict() for e in whole[:at]]))
+        engine = SwarmOrchestrator(task=TASK, mode=mode, work_dir=base / "cut")
+        rest = await _collect(engine, [EngineEvent.from_dict(d) for d in stored])
+        assert engine.outcome.status == "completed"
+        assert transcript(whole[:at] + rest) == transcript(whole)
+
+    asyncio.run(scenario())
