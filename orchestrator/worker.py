@@ -26,7 +26,7 @@ from django.conf import settings
 from orchestrator.engine import SwarmOrchestrator
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
-from sessions import services
+from sessions import selectors, services
 from sessions.groups import WORKER_CHANNEL
 from sessions.models import Event, Run, Session
 
@@ -126,7 +126,9 @@ class RunWorker:
                 max_turns=session.config.get("max_turns"),
             )
             await check_reachable(model)
-            async for event, checkpoint in engine.run():
+            # A continued or taken-over run goes on from the log: nothing repeated.
+            history = await database_sync_to_async(selectors.engine_history)(session.pk)
+            async for event, checkpoint in engine.run(history):
                 if event.kind in TAIL_KINDS:
                     tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
                 row = await append(

@@ -5,6 +5,7 @@ from uuid import UUID
 
 from django.db.models import QuerySet
 
+from orchestrator.engine.events import EngineEvent, EventKind
 from sessions.models import Event, Session
 
 
@@ -25,3 +26,18 @@ def events_after(session_id: UUID | str, after: int, *, limit: int = 500) -> lis
 
 def transcript(session_id: UUID | str) -> list[Event]:
     return list(Event.objects.filter(session_id=session_id).order_by("seq"))
+
+
+def engine_history(session_id: UUID | str) -> list[EngineEvent]:
+    """The session's log as engine events, for continuing a run."""
+    return [
+        EngineEvent(
+            kind=EventKind(row.kind),
+            agent=row.agent,
+            content=row.content,
+            data=row.data,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+        )
+        for row in Event.objects.filter(session_id=session_id).order_by("seq")
+    ]

@@ -205,6 +205,22 @@ def event_append(
     return row
 
 
+def session_continue(*, session_id: UUID | str, user) -> Run:
+    """Queue the next run of a paused session: same state, a fresh round budget."""
+    with transaction.atomic():
+        session = Session.objects.select_for_update().filter(pk=session_id, owner=user).first()
+        if session is None:
+            raise SessionError("No such session.")
+        if session.status != Session.Status.PAUSED:
+            raise SessionError(f"Only a paused session can be continued; this one is {session.get_status_display().lower()}.")
+        number = session.runs.count() + 1
+        run = Run.objects.create(session=session, number=number)
+        _append(session.pk, run_id=run.pk, event=_status_event("queued", "Continuing with a fresh round budget."))
+        worker_wake()
+    logger.info("session %s continued by user %s (run %d)", session.pk, user.pk, number)
+    return run
+
+
 # --- runs -------------------------------------------------------------------
 
 

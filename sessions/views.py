@@ -10,7 +10,8 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_http_methods
+from django.contrib import messages
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from sessions import selectors, services
 from sessions.forms import SessionForm
@@ -80,3 +81,21 @@ def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileRespo
     )
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return response
+
+
+@require_POST
+@login_required
+def session_continue(request: HttpRequest, session_id: UUID) -> HttpResponse:
+    """Continue a paused session with a fresh round budget."""
+    if selectors.session_for_user(session_id, request.user) is None:
+        raise Http404("No such session.")
+    try:
+        services.session_continue(session_id=session_id, user=request.user)
+    except services.SessionError as exc:
+        logger.info("continue refused for session %s: %s", session_id, exc)
+        if request.htmx:
+            return render(request, "sessions/action_error.html", {"message": str(exc)})
+        messages.error(request, str(exc))
+    if request.htmx:
+        return HttpResponse(status=204)  # the socket pushes the new status
+    return redirect("sessions:detail", session_id=session_id)

@@ -34,7 +34,7 @@ def _log(session):
 
 @database_sync_to_async
 def _reload(session):
-    return Session.objects.get(pk=session.pk), Run.objects.get(session=session), SessionState.objects.get(pk=session.pk)
+    return Session.objects.get(pk=session.pk), Run.objects.filter(session=session).latest("number"), SessionState.objects.get(pk=session.pk)
 
 
 async def _run_once(worker: RunWorker) -> None:
@@ -165,3 +165,42 @@ async def test_bad_model_settings_fail_the_run_before_it_starts(alice, monkeypat
     assert (session.status, run.status) == ("failed", "failed")
     assert "set OPENAI_API_KEY" in run.error
     assert [kind for _, kind, _ in await _log(session)] == ["status", "status", "error", "status"]
+
+
+async def test_paused_session_continues_to_the_uninterrupted_transcript(alice):
+    """A round budget pauses the run; Continue runs again from the log, and the end equals an unbudgeted run."""
+    budgeted = await database_sync_to_async(services.session_start)(
+        owner=alice, task="Plot a damped cosine", mode="planning_and_control", config={"max_turns": 4}
+    )
+    reference = await database_sync_to_async(services.session_start)(
+        owner=alice, task="Plot a damped cosine", mode="planning_and_control"
+    )
+    worker = RunWorker(worker_id="w-budget", max_runs=1)
+    await _run_once(worker)  # the budgeted session was queued first
+    await _run_once(worker)
+    continues = 0
+    while (await _reload(budgeted))[0].status == "paused":
+        await database_sync_to_async(services.session_continue)(session_id=budgeted.pk, user=alice)
+        await _run_once(worker)
+        continues += 1
+        assert continues < 20
+    assert continues >= 3
+
+    @database_sync_to_async
+    def contents(session):
+        return [
+            (e.kind, e.agent, e.content)
+            for e in Event.objects.filter(session=session).exclude(kind="status").order_by("seq")
+        ]
+
+    session, run, _ = await _reload(budgeted)
+    assert session.status == "completed" and run.number == continues + 1
+    assert await contents(budgeted) == await contents(reference)
+    seqs = [seq for seq, _, _ in await _log(budgeted)]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_only_a_paused_session_can_be_continued(alice):
+    session = await _start(alice, mode="one_shot")
+    with pytest.raises(services.SessionError, match="Only a paused session can be continued; this one is queued"):
+        await database_sync_to_async(services.session_continue)(session_id=session.pk, user=alice)

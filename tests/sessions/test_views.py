@@ -137,3 +137,36 @@ class TestSessionFiles:
     def test_other_users_cannot_fetch_files(self, client, bob, files):
         client.force_login(bob)
         assert client.get(reverse("sessions:file", args=[files.pk, "plot.png"])).status_code == 404
+
+
+class TestContinue:
+    def _paused(self, alice):
+        session = services.session_start(owner=alice, task="budgeted", mode="one_shot", config={"max_turns": 1})
+        Session.objects.filter(pk=session.pk).update(status="paused")
+        return session
+
+    def test_continue_queues_a_new_run(self, alice_client, alice):
+        session = self._paused(alice)
+        response = alice_client.post(reverse("sessions:continue", args=[session.pk]), HTTP_HX_REQUEST="true")
+        assert response.status_code == 204
+        session.refresh_from_db()
+        assert session.status == "queued" and session.runs.count() == 2
+
+    def test_continue_of_a_running_session_is_explained(self, alice_client, alice):
+        session = services.session_start(owner=alice, task="t", mode="one_shot")
+        response = alice_client.post(reverse("sessions:continue", args=[session.pk]), HTTP_HX_REQUEST="true")
+        assert response.status_code == 200
+        assert "Only a paused session can be continued; this one is queued." in response.content.decode()
+        assert session.runs.count() == 1
+
+    def test_continue_needs_post_and_ownership(self, alice_client, alice, bob, client):
+        session = self._paused(alice)
+        assert alice_client.get(reverse("sessions:continue", args=[session.pk])).status_code == 405
+        client.force_login(bob)
+        assert client.post(reverse("sessions:continue", args=[session.pk])).status_code == 404
+        assert session.runs.count() == 1
+
+    def test_paused_page_offers_continue(self, alice_client, alice):
+        session = self._paused(alice)
+        body = alice_client.get(session.get_absolute_url()).content.decode()
+        assert f'hx-post="/sessions/{session.pk}/continue/"' in body and ">Continue</button>" in body
