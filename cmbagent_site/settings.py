@@ -124,7 +124,13 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("CHANNELS_PREFIX", "cmbagent")},
+            "CONFIG": {
+                # redis-py 8 times reads out after 5 s by default, which races the
+                # 5 s blocking read channels-redis uses to receive: an idle socket's
+                # consumer would die with a TimeoutError. Give reads more room.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                "prefix": os.environ.get("CHANNELS_PREFIX", "cmbagent"),
+            },
         }
     }
 else:
