@@ -10,6 +10,18 @@ from django.urls import reverse
 from orchestrator.engine.modes import Mode as EngineMode
 
 
+class Status(models.TextChoices):
+    """The lifecycle shared by a session and its runs: a session shows its latest run's status."""
+
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    PAUSED = "paused", "Paused"
+    WAITING_APPROVAL = "waiting_approval", "Waiting for approval"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
 class Session(models.Model):
     class Mode(models.TextChoices):
         ONE_SHOT = EngineMode.ONE_SHOT.value, EngineMode.ONE_SHOT.label
@@ -17,14 +29,7 @@ class Session(models.Model):
         IDEA_GENERATION = EngineMode.IDEA_GENERATION.value, EngineMode.IDEA_GENERATION.label
         COPILOT = EngineMode.COPILOT.value, EngineMode.COPILOT.label
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        PAUSED = "paused", "Paused"
-        WAITING_APPROVAL = "waiting_approval", "Waiting for approval"
-        COMPLETED = "completed", "Completed"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
+    Status = Status
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="agent_sessions")
@@ -64,14 +69,7 @@ class Session(models.Model):
 class Run(models.Model):
     """One execution attempt of a session, held by a worker through a lease."""
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        PAUSED = "paused", "Paused"
-        WAITING_APPROVAL = "waiting_approval", "Waiting for approval"
-        COMPLETED = "completed", "Completed"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
+    Status = Status
 
     TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 

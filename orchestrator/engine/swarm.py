@@ -111,7 +111,10 @@ def _ends_turn(events: Sequence[EngineEvent], i: int) -> bool:
     if event.kind == EventKind.MESSAGE:
         return bool(event.data.get("final"))
     if event.kind in (EventKind.TOOL_RESULT, EventKind.ARTIFACT):
-        return following is None or following.kind not in (EventKind.ARTIFACT, EventKind.TOOL_RESULT)
+        # Complete only once something else follows (the next turn, or the
+        # worker's "paused"): at the very end of the log, artifacts may still
+        # be missing, so the turn is done again and matched against the log.
+        return following is not None and following.kind not in (EventKind.ARTIFACT, EventKind.TOOL_RESULT)
     return False
 
 
@@ -223,7 +226,11 @@ class SwarmOrchestrator:
     async def run(self, history: Sequence[EngineEvent] = ()) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
         """Run the team, or continue it from ``history`` (the engine events logged so far)."""
         self.outcome = None
-        done, unfinished = split_history([e for e in history if e.kind not in (EventKind.STATUS, EventKind.ERROR)])
+        # Status and error events are the worker's, not the team's; they still
+        # mark where a turn ended, so they are dropped only after the split.
+        done, unfinished = (
+            [e for e in part if e.kind not in (EventKind.STATUS, EventKind.ERROR)] for part in split_history(list(history))
+        )
         self.state = Checkpoint()
         for event in done:
             self.state.apply(event)

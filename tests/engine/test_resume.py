@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.engine import EngineEvent, EventKind, SwarmOrchestrator
@@ -72,10 +72,19 @@ def test_split_history_keeps_whole_turns():
     done, rest = split_history(events)
     assert done == events[:3] and rest == events[3:]
     assert split_history(events[:2]) == (events[:1], events[1:2])
+    result = EngineEvent(EventKind.TOOL_RESULT, agent="executor", content="exitcode: 0")
+    artifact = EngineEvent(EventKind.ARTIFACT, agent="executor", content="plot.png")
+    paused = EngineEvent(EventKind.STATUS, data={"status": "paused"})
+    # At the end of the log a tool result may still be missing its artifacts: not complete.
+    assert split_history([*events, result, artifact]) == (events[:3], [events[3], result, artifact])
+    # Followed by the worker's pause, it is.
+    assert split_history([*events, result, artifact, paused])[1] == [paused]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.integers(min_value=0, max_value=35), mode=st.sampled_from(["planning_and_control", "one_shot", "copilot", "idea_generation"]))
+@example(cut=9, mode="copilot")  # between a tool result and its artifacts
+@example(cut=10, mode="one_shot")
 def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode):
     """Stop at any event boundary, serialise the log, continue in a fresh orchestrator: same transcript."""
 

@@ -37,6 +37,15 @@ def _reload(session):
     return Session.objects.get(pk=session.pk), Run.objects.filter(session=session).latest("number"), SessionState.objects.get(pk=session.pk)
 
 
+async def _owner_socket(session, user) -> WebsocketCommunicator:
+    client = Client()
+    await database_sync_to_async(client.force_login)(user)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    return WebsocketCommunicator(
+        application, f"/ws/sessions/{session.pk}/", headers=[(b"origin", b"http://localhost"), (b"cookie", cookie)]
+    )
+
+
 async def _run_once(worker: RunWorker) -> None:
     await worker.claim_available()
     assert worker.active, "the worker found no run to claim"
@@ -64,13 +73,7 @@ async def test_run_persists_every_event_and_completes(alice):
 async def test_owner_socket_sees_every_event_once_in_order(alice):
     """While the worker runs, the owner's socket receives each seq exactly once, in order."""
     session = await _start(alice)
-    client = Client()
-    await database_sync_to_async(client.force_login)(alice)
-    ws = WebsocketCommunicator(
-        application,
-        f"/ws/sessions/{session.pk}/",
-        headers=[(b"origin", b"http://localhost"), (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())],
-    )
+    ws = await _owner_socket(session, alice)
     assert (await ws.connect())[0]
     await ws.send_json_to({"type": "hello", "after": 0})
     worker = RunWorker(worker_id="w-live")
@@ -88,13 +91,7 @@ async def test_owner_socket_sees_every_event_once_in_order(alice):
 async def test_closing_the_socket_does_not_stop_the_run(alice):
     """The socket never owns the run: it completes after the only viewer leaves."""
     session = await _start(alice)
-    client = Client()
-    await database_sync_to_async(client.force_login)(alice)
-    ws = WebsocketCommunicator(
-        application,
-        f"/ws/sessions/{session.pk}/",
-        headers=[(b"origin", b"http://localhost"), (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())],
-    )
+    ws = await _owner_socket(session, alice)
     await ws.connect()
     await ws.send_json_to({"type": "hello", "after": 0})
     worker = RunWorker(worker_id="w-close")
