@@ -14,8 +14,8 @@ One run measures, for 1 and for N (default 50) concurrent live sessions:
 and prints p50/p99 of both and the ratio of the p99s (target: app p99 within
 2x of the bare consumer's). See bench/README.md for the method and caveats.
 
-    .venv/bin/python bench/push_latency.py            # full run, about 40 s
-    .venv/bin/python bench/push_latency.py --quick    # about 15 s
+    .venv/bin/python bench/push_latency.py            # full run, about 60 s
+    .venv/bin/python bench/push_latency.py --quick    # about 20 s
 
 Needs Redis (REDIS_URL, default redis://127.0.0.1:6379/0). Uses a throwaway
 SQLite database in a temp dir unless DATABASE_URL is set (then it writes a
@@ -62,15 +62,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Plan:
     sessions: int = 50
     single_events: int = 200
-    single_interval_ms: float = 10.0
+    single_interval_ms: float = 20.0  # 50 events/s into one session
     multi_events: int = 40
-    multi_interval_ms: float = 200.0
+    multi_interval_ms: float = 500.0  # per session: 100 events/s in all with 50 sessions
     warmup_events: int = 40
+    rounds: int = 4  # each scenario alternates bare/app this many times
     drain_s: float = 10.0
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(single_events=60, multi_events=10, warmup_events=15)
+        return cls(single_events=60, multi_events=10, warmup_events=15, rounds=2)
 
 
 def event_content(session_index: int, k: int) -> str:
@@ -114,7 +115,7 @@ def _append_stamped(session_id: str, run_id: int, event, checkpoint: dict, tail:
     return row.seq, stamp[0]
 
 
-async def _produce_app(targets: list[tuple[str, int]], n: int, interval: float) -> dict:
+async def _produce_app(targets: list[tuple[str, int]], n: int, interval: float, _seq_base: int) -> dict:
     from channels.db import database_sync_to_async
 
     from orchestrator.engine.events import EngineEvent, EventKind
@@ -146,7 +147,7 @@ async def _produce_app(targets: list[tuple[str, int]], n: int, interval: float) 
     return {"stamps": stamps, "t0": t0, "t1": time.monotonic_ns()}
 
 
-async def _produce_bare(groups: list[str], n: int, interval: float) -> dict:
+async def _produce_bare(groups: list[str], n: int, interval: float, seq_base: int) -> dict:
     from channels.layers import get_channel_layer
 
     layer = get_channel_layer()
@@ -159,7 +160,7 @@ async def _produce_bare(groups: list[str], n: int, interval: float) -> dict:
         for k in range(n):
             if (delay := due - loop.time()) > 0:
                 await asyncio.sleep(delay)
-            seq = k + 1
+            seq = seq_base + k + 1
             t = time.monotonic_ns()  # the app's counterpart: its commit
             await layer.group_send(group, {"type": "bench.push", "seq": seq})
             stamps.append((i, seq, t))
@@ -197,6 +198,9 @@ def _producer_main(conn) -> None:
     import django
 
     django.setup()
+    import logging
+
+    logging.getLogger("sessions").setLevel(logging.WARNING)  # no line per session started
     asyncio.run(_producer_loop(conn))
 
 
@@ -392,6 +396,7 @@ class Result:
     expected: int
     received: int
     p50_ms: float
+    p95_ms: float
     p99_ms: float
     max_ms: float
     offered_per_s: float
@@ -402,36 +407,82 @@ class Result:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
-async def measure(
-    *, scenario: str, kind: str, server: Server, producer: Producer, paths: list[str], targets: list,
-    cookie: str | None, n: int, interval_ms: float, drain_s: float,
-) -> Result:
-    loop = asyncio.get_running_loop()
-    clients = [Client(p, server.port, cookie=cookie, ready_seq=1 if kind == "app" else None) for p in paths]
-    await asyncio.gather(*(c.connect() for c in clients))
-    await asyncio.sleep(0.2)  # let the handshakes' after-work settle
-    cpu0 = server.cpu_seconds()
-    produced = await loop.run_in_executor(None, producer.request, kind, targets, n, interval_ms / 1000)
-    stamps = produced["stamps"]
-    deadline = time.monotonic() + drain_s
-    while time.monotonic() < deadline and any(seq not in clients[i].arrivals for i, seq, _ in stamps):
-        await asyncio.sleep(0.01)
-    cpu1 = server.cpu_seconds()
-    await asyncio.gather(*(c.close() for c in clients))
+@dataclass
+class Side:
+    """One path of a scenario (app or bare): its server, live clients and what was sent."""
 
-    lat = sorted(
-        (clients[i].arrivals[seq] - t) / 1e6 for i, seq, t in stamps if seq in clients[i].arrivals
-    )
-    frames = [b for c in clients for b in c.frame_bytes]
-    span_s = max((produced["t1"] - produced["t0"]) / 1e9, 1e-9)
-    return Result(
-        scenario=scenario, kind=kind, sessions=len(paths), expected=len(stamps), received=len(lat),
-        p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99), max_ms=lat[-1] if lat else math.nan,
-        offered_per_s=len(paths) * 1000 / interval_ms, achieved_per_s=len(stamps) / span_s,
-        server_cpu_ms_per_event=(cpu1 - cpu0) * 1000 / max(len(stamps), 1),
-        fragment_bytes=sum(frames) / len(frames) if frames else math.nan,
-        unexpected_frames=sum(len(c.unexpected) for c in clients), latencies_ms=lat,
-    )
+    kind: str
+    server: Server
+    clients: list[Client]
+    targets: list
+    stamps: list[tuple[int, int, int]] = field(default_factory=list)
+    cpu_s: float = 0.0
+    span_s: float = 0.0
+
+    def missing(self, stamps) -> bool:
+        return any(seq not in self.clients[i].arrivals for i, seq, _ in stamps)
+
+    def result(self, scenario: str, interval_ms: float) -> Result:
+        lat = sorted(
+            (self.clients[i].arrivals[seq] - t) / 1e6 for i, seq, t in self.stamps if seq in self.clients[i].arrivals
+        )
+        frames = [b for c in self.clients for b in c.frame_bytes]
+        return Result(
+            scenario=scenario, kind=self.kind, sessions=len(self.clients), expected=len(self.stamps),
+            received=len(lat), p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+            max_ms=lat[-1] if lat else math.nan, offered_per_s=len(self.clients) * 1000 / interval_ms,
+            achieved_per_s=len(self.stamps) / max(self.span_s, 1e-9),
+            server_cpu_ms_per_event=self.cpu_s * 1000 / max(len(self.stamps), 1),
+            fragment_bytes=sum(frames) / len(frames) if frames else math.nan,
+            unexpected_frames=sum(len(c.unexpected) for c in self.clients), latencies_ms=lat,
+        )
+
+
+async def run_scenario(
+    name: str, *, app: Server, bare: Server, producer: Producer, cookie: str, app_targets: list,
+    bare_names: list[str], n: int, interval_ms: float, rounds: int, drain_s: float,
+) -> tuple[Result, Result]:
+    """Both paths with all their clients connected; rounds alternate bare/app so drift hits both alike."""
+    loop = asyncio.get_running_loop()
+    sides = {
+        "app": Side("app", app, [Client(f"/ws/sessions/{sid}/", app.port, cookie=cookie, ready_seq=1)
+                                 for sid, _ in app_targets], app_targets),
+        "bare": Side("bare", bare, [Client(f"/ws/bare/{g}/", bare.port, cookie=None, ready_seq=None)
+                                    for g in bare_names], [f"bench-bare.{g}" for g in bare_names]),
+    }
+    await asyncio.gather(*(c.connect() for side in sides.values() for c in side.clients))
+    await asyncio.sleep(0.2)  # let the handshakes' after-work settle
+    sizes = [n // rounds + (1 if r < n % rounds else 0) for r in range(rounds)]
+    seq_base = 0
+    for r, size in enumerate(sizes):
+        for kind in ("bare", "app") if r % 2 == 0 else ("app", "bare"):
+            side = sides[kind]
+            cpu0 = side.server.cpu_seconds()
+            produced = await loop.run_in_executor(
+                None, producer.request, kind, side.targets, size, interval_ms / 1000, seq_base
+            )
+            deadline = time.monotonic() + drain_s
+            while time.monotonic() < deadline and side.missing(produced["stamps"]):
+                await asyncio.sleep(0.005)
+            side.cpu_s += side.server.cpu_seconds() - cpu0
+            side.span_s += (produced["t1"] - produced["t0"]) / 1e9
+            side.stamps += produced["stamps"]
+            await asyncio.sleep(0.1)
+        seq_base += size
+    await asyncio.gather(*(c.close() for side in sides.values() for c in side.clients))
+    out = []
+    for kind in ("app", "bare"):
+        res = sides[kind].result(name, interval_ms)
+        if res.received < res.expected:
+            side = sides[kind]
+            lost = [(i, seq) for i, seq, _ in side.stamps if seq not in side.clients[i].arrivals]
+            codes = sorted({side.clients[i].close_code for i, _ in lost}, key=str)
+            print(f"  warning: {name}/{kind}: {len(lost)} of {res.expected} events never arrived "
+                  f"(session, seq): {lost[:12]}; close codes of those sockets: {codes}", file=sys.stderr)
+        print(f"  {name:>12} {kind:4}  p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  ({res.received} events)",
+              file=sys.stderr)
+        out.append(res)
+    return out[0], out[1]
 
 
 # --- setup ---------------------------------------------------------------------
@@ -503,13 +554,13 @@ def print_report(results: dict[tuple[str, str], Result], scenarios: list[str], h
         ])
     _table(cols, rows)
     print()
-    cols = ["scenario", "path", "sent", "recv", "max ms", "offered/s", "achieved/s", "server CPU ms/ev", "bytes/frame"]
+    cols = ["scenario", "path", "sent", "recv", "p95 ms", "max ms", "offered/s", "achieved/s", "server CPU ms/ev", "bytes/frame"]
     rows = []
     for name in scenarios:
         for kind in ("app", "bare"):
             r = results[(name, kind)]
             rows.append([
-                name, kind, f"{r.expected}", f"{r.received}", f"{r.max_ms:.2f}", f"{r.offered_per_s:.0f}",
+                name, kind, f"{r.expected}", f"{r.received}", f"{r.p95_ms:.2f}", f"{r.max_ms:.2f}", f"{r.offered_per_s:.0f}",
                 f"{r.achieved_per_s:.0f}", f"{r.server_cpu_ms_per_event:.2f}", f"{r.fragment_bytes:.0f}",
             ])
     _table(cols, rows)
@@ -522,35 +573,21 @@ def _table(cols: list[str], rows: list[list[str]]) -> None:
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
 
 
-async def run_all(args, plan: Plan, fx: dict, app: Server, bare: Server, producer: Producer, token: str) -> dict:
+async def run_all(plan: Plan, fx: dict, app: Server, bare: Server, producer: Producer, token: str) -> dict:
     results: dict[tuple[str, str], Result] = {}
-
-    def app_paths(targets):
-        return [f"/ws/sessions/{sid}/" for sid, _ in targets]
-
-    def bare_groups(label: str, count: int) -> list[str]:
-        return [f"{token}-{label}-{i}" for i in range(count)]
-
-    async def pair(name: str, targets: list, n: int, interval_ms: float, keep: bool) -> None:
-        groups = bare_groups(name.replace(" ", ""), len(targets))
-        for kind in ("bare", "app"):
-            r = await measure(
-                scenario=name, kind=kind, server=app if kind == "app" else bare, producer=producer,
-                paths=app_paths(targets) if kind == "app" else [f"/ws/bare/{g}/" for g in groups],
-                targets=targets if kind == "app" else [f"bench-bare.{g}" for g in groups],
-                cookie=fx["cookie"] if kind == "app" else None, n=n, interval_ms=interval_ms, drain_s=plan.drain_s,
-            )
-            if r.received < r.expected:
-                print(f"  warning: {name}/{kind}: {r.expected - r.received} of {r.expected} events never arrived",
-                      file=sys.stderr)
-            if keep:
-                results[(name, kind)] = r
-            print(f"  {name:>12} {kind:4}  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  ({r.received} events)",
-                  file=sys.stderr)
-
-    await pair("warm-up", [fx["warmup"]], plan.warmup_events, plan.single_interval_ms, keep=False)
-    await pair("1 session", [fx["single"]], plan.single_events, plan.single_interval_ms, keep=True)
-    await pair(f"{plan.sessions} sessions", fx["multi"], plan.multi_events, plan.multi_interval_ms, keep=True)
+    scenarios = [
+        ("warm-up", [fx["warmup"]], plan.warmup_events, plan.single_interval_ms, 1, False),
+        ("1 session", [fx["single"]], plan.single_events, plan.single_interval_ms, plan.rounds, True),
+        (f"{plan.sessions} sessions", fx["multi"], plan.multi_events, plan.multi_interval_ms, plan.rounds, True),
+    ]
+    for s, (name, targets, n, interval_ms, rounds, keep) in enumerate(scenarios):
+        app_result, bare_result = await run_scenario(
+            name, app=app, bare=bare, producer=producer, cookie=fx["cookie"], app_targets=targets,
+            bare_names=[f"{token}-s{s}-{i}" for i in range(len(targets))], n=n, interval_ms=interval_ms,
+            rounds=rounds, drain_s=plan.drain_s,
+        )
+        if keep:
+            results[(name, "app")], results[(name, "bare")] = app_result, bare_result
     return results
 
 
@@ -562,23 +599,25 @@ def main() -> int:
     parser.add_argument("--single-interval-ms", type=float, help="ms between events of the 1-session scenario")
     parser.add_argument("--multi-events", type=int, help="events per session in the N-session scenario")
     parser.add_argument("--multi-interval-ms", type=float, help="ms between events of each session, N-session scenario")
+    parser.add_argument("--rounds", type=int, help="alternate bare/app this many times per scenario (default 4)")
     parser.add_argument("--json", type=Path, help="also write the results (with every latency) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (database, server logs)")
     args = parser.parse_args()
 
     plan = Plan.quick() if args.quick else Plan()
-    for name in ("sessions", "single_events", "single_interval_ms", "multi_events", "multi_interval_ms"):
+    for name in ("sessions", "single_events", "single_interval_ms", "multi_events", "multi_interval_ms", "rounds"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     token = secrets.token_hex(4)
     tmp = Path(tempfile.mkdtemp(prefix="push-bench-"))
     redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
     prefix = f"pushbench{token}"
     os.environ.update(
         {
-            "DJANGO_SETTINGS_MODULE": "cmbagent_site.settings",
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE") or "cmbagent_site.settings",
             "CMBAGENT_VAR_DIR": str(tmp),
             "REDIS_URL": redis_url,
             "CHANNELS_PREFIX": prefix,  # this run's keys only
@@ -623,7 +662,7 @@ def main() -> int:
         app.wait_ready()
         bare.wait_ready()
 
-        results = asyncio.run(run_all(args, plan, fx, app, bare, producer, token))
+        results = asyncio.run(run_all(plan, fx, app, bare, producer, token))
         for server in servers:
             if server.process.poll() is not None:
                 raise RuntimeError(f"{server.name} server died during the run:\n{server.log_tail()}")
@@ -634,14 +673,25 @@ def main() -> int:
             f"app:  event_append -> on_commit group_send -> Redis -> Daphne `manage.py serve` -> "
             f"SessionConsumer (DB read + render) -> client",
             "bare: group_send -> Redis -> Daphne bench/bare_app.py (fixed fragment, same bytes) -> client",
-            f"database {fx['db_vendor']}{' (DATABASE_URL)' if os.environ.get('DATABASE_URL') else ' (temp file, WAL)'}; "
+            f"settings {os.environ['DJANGO_SETTINGS_MODULE']}; database {fx['db_vendor']}{' (DATABASE_URL)' if os.environ.get('DATABASE_URL') else ' (temp file, WAL)'}; "
             f"channel layer channels_redis at {redis_url}; fragment {fx['fragment_bytes']} bytes",
             f"1 session: {plan.single_events} events, one every {plan.single_interval_ms:g} ms; "
             f"{plan.sessions} sessions: {plan.multi_events} events each, one every {plan.multi_interval_ms:g} ms "
             f"per session (sessions out of phase)",
-            f"Python {platform.python_version()}, {versions()}; {os.cpu_count()} CPUs; "
+            f"each scenario in {plan.rounds} rounds alternating bare/app; "
+            f"Python {platform.python_version()}, {versions()}",
+            f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
             f"total {time.monotonic() - started:.0f} s",
         ]
+        for server in servers:
+            crashes = server.log.read_text(errors="replace").count("Exception inside application")
+            if crashes:
+                header.append(f"NOTE: {crashes} consumer crash(es) in the {server.name} server log "
+                              f"(run with --keep to read {server.log.name}).")
+        cpus = os.cpu_count() or 1
+        # The benchmark itself keeps about one CPU busy; more than that is someone else.
+        if load_before > 0.5 * cpus or os.getloadavg()[0] > 0.5 * cpus + 1:
+            header.append("NOTE: the machine was busy with other work; these figures include that contention.")
         print_report(results, scenarios, header)
         lost = sum(r.expected - r.received for r in results.values())
         if args.json:
