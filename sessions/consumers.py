@@ -17,6 +17,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
+from sessions.fragments import render_push
 from sessions.groups import session_group
 from sessions.models import Session
 from sessions.selectors import events_after, session_for_user
@@ -45,8 +46,7 @@ def _render_after(session_id: uuid.UUID, after: int) -> tuple[str, int, int]:
     rows = events_after(session_id, after, limit=BATCH)
     if not rows:
         return "", after, 0
-    html = render_to_string("sessions/push.html", {"events": rows, "session": session})
-    return html, rows[-1].seq, len(rows)
+    return render_push(session, rows), rows[-1].seq, len(rows)
 
 
 class SessionConsumer(AsyncWebsocketConsumer):
@@ -118,8 +118,14 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=html)
 
     async def session_event(self, message: dict) -> None:
-        if self.cursor is not None and message.get("seq", 0) > self.cursor:
-            await self.catch_up()
+        if self.cursor is None or message.get("seq", 0) <= self.cursor:
+            return  # no hello yet (it will catch up), or already shown
+        if message["seq"] == self.cursor + 1 and message.get("html"):
+            # The very next event, rendered once by its writer: send it as is.
+            await self.send(text_data=message["html"])
+            self.cursor = message["seq"]
+        else:
+            await self.catch_up()  # a gap (dropped or reordered notes): read the rows
 
     async def catch_up(self) -> None:
         assert self.cursor is not None

@@ -21,6 +21,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from orchestrator.engine.events import EngineEvent, EventKind
+from sessions.fragments import NOTE_HTML_LIMIT, render_push
 from sessions.groups import WORKER_CHANNEL, session_group, user_sessions_group
 from sessions.models import Event, Run, Session, SessionState
 
@@ -53,10 +54,25 @@ def _send(kind: str, target: str, message: dict[str, Any]) -> None:
         logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
 
 
-def _announce_event(session_id: UUID, owner_id: int, seq: int) -> None:
-    transaction.on_commit(lambda: _send("group", session_group(session_id), {"type": "session.event", "seq": seq}))
+def _announce_event(row: Event, owner_id: int) -> None:
+    def announce() -> None:
+        # Rendered once here, after commit, for every socket watching: a socket
+        # whose cursor is just before this seq sends it as it is; any other
+        # reads the rows itself, so the note is a shortcut, never the truth.
+        note: dict[str, Any] = {"type": "session.event", "seq": row.seq}
+        try:
+            session = Session.objects.select_related("state").get(pk=row.session_id)
+            html = render_push(session, [row])
+        except Exception:  # noqa: BLE001 - listeners fall back to reading the rows
+            logger.warning("could not render event %s of session %s", row.seq, row.session_id, exc_info=True)
+        else:
+            if len(html) <= NOTE_HTML_LIMIT:
+                note["html"] = html
+        _send("group", session_group(row.session_id), note)
+
+    transaction.on_commit(announce)
     transaction.on_commit(
-        lambda: _send("group", user_sessions_group(owner_id), {"type": "session.changed", "session_id": str(session_id)})
+        lambda: _send("group", user_sessions_group(owner_id), {"type": "session.changed", "session_id": str(row.session_id)})
     )
 
 
@@ -177,7 +193,7 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
     )
-    _announce_event(session.pk, session.owner_id, seq)
+    _announce_event(row, session.owner_id)
     return row
 
 

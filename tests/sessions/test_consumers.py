@@ -133,3 +133,33 @@ async def test_malformed_frames_get_an_error_and_the_socket_stays_up(alice, fram
     await ws.send_json_to({"type": "hello", "after": 0})
     assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
     await ws.disconnect()
+
+
+async def test_next_event_is_sent_as_rendered_and_a_gap_is_read_from_rows(alice):
+    """A note for the very next seq is sent as carried; after a gap the socket reads the rows instead."""
+    from channels.layers import get_channel_layer
+
+    from sessions.groups import session_group
+
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    await ws.connect()
+    await ws.send_json_to({"type": "hello", "after": 0})
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
+
+    layer = get_channel_layer()
+    await layer.group_send(session_group(session.pk), {"type": "session.event", "seq": 2, "html": "<p>carried seq 2</p>"})
+    assert await ws.receive_from(timeout=5) == "<p>carried seq 2</p>"
+
+    # The socket believes it shows seq 2, so the real note for 2 is ignored as
+    # already shown, and the real seq 3 follows it.
+    for text in ("two", "three"):
+        await _append(session, text)
+    frames = ""
+    while 'data-seq="3"' not in frames:
+        frames += await ws.receive_from(timeout=5)
+    assert "three" in frames and "carried" not in frames
+    await layer.group_send(session_group(session.pk), {"type": "session.event", "seq": 9, "html": "<p>forged</p>"})
+    assert await ws.receive_nothing(timeout=0.3)  # seq 9 is a gap with no rows behind it: nothing invented
+    await ws.disconnect()
