@@ -671,7 +671,7 @@ def main() -> int:
         header = [
             "Push latency: event commit -> fragment received by a WebSocket client (loopback)",
             f"app:  event_append -> on_commit group_send -> Redis -> Daphne `manage.py serve` -> "
-            f"SessionConsumer (DB read + render) -> client",
+            f"SessionConsumer -> client (fragment rendered once at commit; rows read on a gap)",
             "bare: group_send -> Redis -> Daphne bench/bare_app.py (fixed fragment, same bytes) -> client",
             f"settings {os.environ['DJANGO_SETTINGS_MODULE']}; database {fx['db_vendor']}{' (DATABASE_URL)' if os.environ.get('DATABASE_URL') else ' (temp file, WAL)'}; "
             f"channel layer channels_redis at {redis_url}; fragment {fx['fragment_bytes']} bytes",
