@@ -240,16 +240,16 @@ def session_continue(*, session_id: UUID | str, user) -> Run:
 # --- runs -------------------------------------------------------------------
 
 
-def run_claim(*, worker_id: str, lease_seconds: int) -> Run | None:
-    """Take the oldest queued run, or one whose worker's lease ran out."""
+def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None) -> Run | None:
+    """Take the oldest queued run (or ``run_id``), or one whose worker's lease ran out."""
     now = timezone.now()
     with transaction.atomic():
-        run = (
-            Run.objects.select_for_update(skip_locked=True)
-            .filter(Q(status=Run.Status.QUEUED) | Q(status=Run.Status.RUNNING, lease_expires_at__lt=now))
-            .order_by("created_at")
-            .first()
+        claimable = Run.objects.select_for_update(skip_locked=True).filter(
+            Q(status=Run.Status.QUEUED) | Q(status=Run.Status.RUNNING, lease_expires_at__lt=now)
         )
+        if run_id is not None:
+            claimable = claimable.filter(pk=run_id)
+        run = claimable.order_by("created_at").first()
         if run is None:
             return None
         resumed = run.status == Run.Status.RUNNING

@@ -20,3 +20,12 @@ def alice(django_user_model):
 @pytest.fixture
 def bob(django_user_model):
     return django_user_model.objects.create_user(username="bob", password="bob-pass-123")
+
+
+def pytest_configure(config):
+    from django.conf import settings
+
+    # The server keeps connections open (CONN_MAX_AGE); tests open them from
+    # many threads, and a kept one would outlive the test database and block
+    # its teardown.
+    settings.DATABASES["default"]["CONN_MAX_AGE"] = 0

@@ -1,12 +1,10 @@
 """Run a task in the terminal: the same session, worker and engine as the web app."""
 from __future__ import annotations
 
-import asyncio
-
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from orchestrator.worker import RunWorker
+from orchestrator.api import execute
 from sessions import services
 from sessions.models import Event, Session
 
@@ -31,10 +29,6 @@ class Command(BaseCommand):
         except services.SessionError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Session {session.pk} ({session.get_mode_display()}, {session.model_provider} model)")
-        worker = RunWorker(worker_id="run_task")
-        run = services.run_claim(worker_id=worker.worker_id, lease_seconds=worker.lease_seconds)
-        if run is None or run.session_id != session.pk:
-            raise CommandError("Another worker took the run; watch it in the web app instead.")
         tokens = 0
 
         def show(event: Event) -> None:
@@ -46,7 +40,10 @@ class Command(BaseCommand):
             self.stdout.write(f"     … {event.seq} events · {tokens:,} tokens", ending="\r")
             self.stdout.flush()
 
-        asyncio.run(worker.execute(run, observer=show))
+        try:
+            execute(session.pk, observer=show)
+        except services.SessionError as exc:
+            raise CommandError(str(exc)) from exc
         session.refresh_from_db()
         self.stdout.write(f"\nSession {session.pk} ended: {session.status} ({session.last_seq} events, {session.total_tokens:,} tokens)")
         if session.status == Session.Status.FAILED:
