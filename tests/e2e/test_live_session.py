@@ -36,7 +36,8 @@ LIVE_PROBE = """
         }
       }
     }).observe(transcript, {childList: true, subtree: true});
-    const head = badge && badge.parentElement;
+    // The status partial is replaced whole on each push: watch the stable page header around it.
+    const head = badge && badge.closest('.session-head');
     if (head) new MutationObserver(() => {
       const now = document.getElementById('session-status');
       if (!now) return;
