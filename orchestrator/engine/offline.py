@@ -46,6 +46,7 @@ OFFLINE_MODEL_INFO = ModelInfo(
 PLAN_LINE = re.compile(r"^\s*(\d+)\.\s*\[(researcher|engineer)\]\s*(.+?)\s*$", re.MULTILINE)
 STEP_MARK = re.compile(r"\*\*Step (\d+)/(\d+)\*\*")
 CODE_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+RETRY_WORD = re.compile(r"\bretry\b", re.IGNORECASE)
 
 
 def _words(text: str) -> int:
@@ -293,8 +294,18 @@ class OfflineChatCompletionClient(ChatCompletionClient):
 
     def _as_engineer(self, *, task, messages, texts, tools):
         step = self._current_step(texts) or 1
+        since_step = texts[max((i for i, t in enumerate(texts) if STEP_MARK.search(t)), default=0) :]
+        failures = [t for t in since_step if t.startswith("exitcode:") and "execution failed" in t]
         code = code_for(task, step)
-        thought = f"Here is the code for step {step}. It writes a CSV table and a PNG plot.\n\n```python\n{code}```"
+        if failures:
+            errors = failures[-1].split("Errors:\n", 1)[-1].split("\nFiles written:", 1)[0]
+            error = (errors.strip().splitlines() or ["an error"])[-1]
+            thought = f"The previous attempt failed ({error}). Fixed: the helper is defined before use.\n\n```python\n{code}```"
+        elif RETRY_WORD.search(task):
+            # Asked to show error recovery: the first attempt uses a name it never defines.
+            thought = f"Here is the code for step {step}.\n\n```python\n{code.replace('peak = max(ys)', 'peak = peak_of(ys)')}```"
+        else:
+            thought = f"Here is the code for step {step}. It writes a CSV table and a PNG plot.\n\n```python\n{code}```"
         return thought, self._handoff("executor", tools, "executor")
 
     def _as_executor(self, *, task, messages, texts, tools):
@@ -307,6 +318,8 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             thought = ("The code ran successfully." if ok else "The code failed; see the errors above.") + (
                 "\n\n" + reports[-1].splitlines()[0]
             )
+            if not ok:
+                return thought, self._handoff("engineer", tools, "summarizer")  # to be fixed and run again
             # After a planned step, back to control; after a one-shot answer, on to the summary.
             return thought, self._handoff("control" if self._plan(texts) else "summarizer", tools, "summarizer")
         code = CODE_BLOCK.findall(texts[last_code])[-1]

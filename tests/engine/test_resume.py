@@ -81,19 +81,24 @@ def test_split_history_keeps_whole_turns():
     assert split_history([*events, result, artifact, paused])[1] == [paused]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cut=st.integers(min_value=0, max_value=35), mode=st.sampled_from(["planning_and_control", "one_shot", "copilot", "idea_generation"]))
-@example(cut=9, mode="copilot")  # between a tool result and its artifacts
-@example(cut=10, mode="one_shot")
-def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode):
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cut=st.integers(min_value=0, max_value=45),
+    mode=st.sampled_from(["planning_and_control", "one_shot", "copilot", "idea_generation"]),
+    task=st.sampled_from([TASK, TASK + ", with one retry"]),
+)
+@example(cut=9, mode="copilot", task=TASK)  # between a tool result and its artifacts
+@example(cut=10, mode="one_shot", task=TASK)
+@example(cut=12, mode="one_shot", task=TASK + ", with one retry")  # after the failed attempt
+def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode, task):
     """Stop at any event boundary, serialise the log, continue in a fresh orchestrator: same transcript."""
 
     async def scenario():
         base = tmp_path_factory.mktemp("resume")
-        whole = await _collect(SwarmOrchestrator(task=TASK, mode=mode, work_dir=base / "whole"))
+        whole = await _collect(SwarmOrchestrator(task=task, mode=mode, work_dir=base / "whole"))
         at = min(cut, len(whole))
         stored = json.loads(json.dumps([e.to_dict() for e in whole[:at]]))
-        engine = SwarmOrchestrator(task=TASK, mode=mode, work_dir=base / "cut")
+        engine = SwarmOrchestrator(task=task, mode=mode, work_dir=base / "cut")
         rest = await _collect(engine, [EngineEvent.from_dict(d) for d in stored])
         assert engine.outcome.status == "completed"
         assert transcript(whole[:at] + rest) == transcript(whole)

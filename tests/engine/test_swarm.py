@@ -165,3 +165,20 @@ async def test_copilot_routes_each_request(tmp_path, task, route, phases):
     assert (first_handoff.agent, first_handoff.content) == ("copilot_control", route)
     assert [e.content for e in events if e.kind == EventKind.PHASE] == phases
     assert any(e.kind == EventKind.ARTIFACT for e in events)
+
+
+@pytest.mark.parametrize("mode", ["planning_and_control", "one_shot"])
+async def test_a_failing_step_is_fixed_and_retried(tmp_path, mode):
+    """Asked to show a retry, the engineer's first code fails; the executor hands back, the fix runs."""
+    engine = SwarmOrchestrator(task="Plot a damped cosine, with one retry", mode=mode, work_dir=tmp_path)
+    events = [e async for e, _ in engine.run()]
+    assert engine.outcome.status == "completed"
+    results = [e.content for e in events if e.kind == EventKind.TOOL_RESULT]
+    assert len(results) == 2
+    assert "execution failed" in results[0] and "NameError: name 'peak_of' is not defined" in results[0]
+    assert "execution succeeded" in results[1]
+    handoffs = [(e.agent, e.content) for e in events if e.kind == EventKind.HANDOFF]
+    assert ("executor", "engineer") in handoffs
+    fix = [e for e in events if e.kind == EventKind.MESSAGE and e.agent == "engineer"][1]
+    assert fix.content.startswith("The previous attempt failed (NameError: name 'peak_of' is not defined)")
+    assert sum(1 for e in events if e.kind == EventKind.ARTIFACT) == 4  # both attempts wrote their files
