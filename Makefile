@@ -15,6 +15,7 @@ test-fast: venv
 	@.venv/bin/python -m pytest -q -m "not browser"
 
 bench: venv
+	@.venv/bin/python bench/engine_overhead.py
 	@.venv/bin/python bench/push_latency.py
 
 clean:

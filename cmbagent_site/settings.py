@@ -180,5 +180,8 @@ LOGGING = {
         "orchestrator": {"level": "INFO"},
         "approvals": {"level": "INFO"},
         "django.channels.server": {"level": "WARNING"},
+        # autogen warns once per non-text message on every model call of the
+        # replay client: quadratic noise in a long run.
+        "autogen_core.events": {"level": "ERROR"},
     },
 }
