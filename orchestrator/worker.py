@@ -124,6 +124,7 @@ class RunWorker:
                 work_dir=Path(settings.RUNS_DIR) / str(session.pk),
                 model=model,
                 max_turns=session.config.get("max_turns"),
+                auto_continue=int(session.config.get("auto_continue", 0)),
             )
             await check_reachable(model)
             # A continued or taken-over run goes on from the log: nothing repeated.
@@ -146,7 +147,7 @@ class RunWorker:
             elif outcome.status == "completed":
                 status, detail = Run.Status.COMPLETED, "The team finished the task."
             elif outcome.status == "paused":
-                status, detail = Run.Status.PAUSED, outcome.reason
+                status, detail = Run.Status.PAUSED, f"The round budget is spent ({outcome.reason}); Continue gives a fresh one."
             else:
                 detail = outcome.reason
         except asyncio.CancelledError:

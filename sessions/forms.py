@@ -14,6 +14,30 @@ class SessionForm(forms.Form):
     )
     mode = forms.ChoiceField(choices=Session.Mode.choices, initial=Session.Mode.PLANNING_AND_CONTROL)
     title = forms.CharField(max_length=200, required=False, strip=True, help_text="Optional; taken from the task if empty.")
+    max_rounds = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=1000,
+        label="Round budget",
+        help_text="Optional. The run pauses after this many agent turns; Continue gives a fresh budget.",
+    )
+    auto_continue = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=50,
+        initial=0,
+        label="Auto-continue",
+        help_text="Budgets to continue past without asking (a hard ceiling).",
+    )
+
+    def session_kwargs(self) -> dict:
+        data = self.cleaned_data
+        config = {}
+        if data.get("max_rounds"):
+            config["max_turns"] = data["max_rounds"]
+            if data.get("auto_continue"):
+                config["auto_continue"] = data["auto_continue"]
+        return {"task": data["task"], "mode": data["mode"], "title": data.get("title", ""), "config": config}
 
     def clean_task(self) -> str:
         task = self.cleaned_data["task"]

@@ -33,7 +33,7 @@ def session_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         if form.is_valid():
             try:
-                session = services.session_start(owner=request.user, **form.cleaned_data)
+                session = services.session_start(owner=request.user, **form.session_kwargs())
             except services.SessionError as exc:
                 form.add_error(None, str(exc))
             else:

@@ -187,6 +187,7 @@ class SwarmOrchestrator:
         model: ModelConfig | None = None,
         client_for: Callable[[str], ChatCompletionClient] | None = None,
         max_turns: int | None = None,
+        auto_continue: int = 0,
         code_timeout: float = 30.0,
     ) -> None:
         self.task = task
@@ -196,6 +197,8 @@ class SwarmOrchestrator:
         # Validates the model settings now: a missing key fails before anything runs.
         self.client_for = client_for or client_factory(self.model)
         self.max_turns = max_turns
+        # How many spent budgets to continue past without asking: a hard ceiling.
+        self.auto_continue = max(0, auto_continue)
         self.state = Checkpoint()
         self.outcome: RunOutcome | None = None
         # Artifacts of each execute_code call, oldest first. autogen runs the team
@@ -224,7 +227,23 @@ class SwarmOrchestrator:
         )
 
     async def run(self, history: Sequence[EngineEvent] = ()) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
-        """Run the team, or continue it from ``history`` (the engine events logged so far)."""
+        """Run the team, or continue it from ``history`` (the engine events logged so far).
+
+        With ``auto_continue``, a spent round budget is continued past up to
+        that many times before the run pauses for a person.
+        """
+        log = list(history)
+        automatic = 0
+        while True:
+            async for event, checkpoint in self._run_once(log):
+                log.append(event)
+                yield event, checkpoint
+            if not (self.outcome and self.outcome.status == "paused" and automatic < self.auto_continue):
+                return
+            automatic += 1
+            log.append(EngineEvent(EventKind.STATUS, data={"status": "paused", "automatic": True}))
+
+    async def _run_once(self, history: Sequence[EngineEvent]) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
         self.outcome = None
         # Status and error events are the worker's, not the team's; they still
         # mark where a turn ended, so they are dropped only after the split.

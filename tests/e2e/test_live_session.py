@@ -281,3 +281,37 @@ def test_bad_form_input_is_refused_and_creates_nothing(e2e_server, live_server_u
     page.goto(live_server_url + "/sessions/")
     assert page.locator("table.sessions tbody tr").count() == rows_before
     assert e2e_server.db_session_count("alice") == db_before
+
+
+def test_round_budget_pauses_and_continue_finishes_without_reload(e2e_server, live_server_url, context, login, accounts, screenshot):
+    """With a round budget the run pauses; each Continue press goes on live, and the end equals the database."""
+    page = context.new_page()
+    login(page, accounts["alice"])
+    page.goto(live_server_url + "/sessions/new/")
+    page.fill("textarea[name=task]", "Plot a damped cosine")
+    page.select_option("select[name=mode]", "planning_and_control")
+    page.fill("input[name=max_rounds]", "5")
+    page.get_by_role("button", name="Start", exact=True).click()
+    page.wait_for_url(SESSION_URL)
+    session_id = SESSION_URL.search(page.url).group(1)
+    page.evaluate("window.__e2e_same_document = true")
+
+    status = page.locator("#session-status")
+    expect(status).to_have_attribute("data-status", "paused", timeout=RUN_TIMEOUT_MS)
+    screenshot(page, "session-paused")
+    presses = 0
+    while status.get_attribute("data-status") == "paused":
+        count = page.locator("#transcript article[data-seq]").count()
+        page.get_by_role("button", name="Continue").click()
+        presses += 1
+        assert presses < 10, "the run never finished"
+        # The next pause or the end arrives live, after more events.
+        expect(page.locator("#transcript article[data-seq]")).not_to_have_count(count, timeout=RUN_TIMEOUT_MS)
+        expect(status).to_have_attribute("data-status", re.compile("paused|completed"), timeout=RUN_TIMEOUT_MS)
+    assert presses >= 2
+    wait_until_done(page)
+    db_events = e2e_server.db_events(session_id)
+    expect(page.locator("#transcript article[data-seq]")).to_have_count(len(db_events), timeout=RUN_TIMEOUT_MS)
+    assert page.evaluate("window.__e2e_same_document") is True, "the page was reloaded or navigated"
+    assert_matches_db(dom_transcript(page), db_events)
+    assert sum(1 for e in db_events if e["kind"] == "status" and "max_rounds_reached" in e["content"]) == presses

@@ -104,3 +104,18 @@ def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode, task):
         assert transcript(whole[:at] + rest) == transcript(whole)
 
     asyncio.run(scenario())
+
+
+async def test_auto_continue_goes_on_up_to_its_ceiling(tmp_path):
+    """Auto-continue passes spent budgets without a person, up to the ceiling, then pauses."""
+    whole = await _uninterrupted(tmp_path)
+    unattended = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "a", max_turns=3, auto_continue=100)
+    events = await _collect(unattended)
+    assert unattended.outcome.status == "completed"
+    assert transcript(events) == transcript(whole)
+    assert unattended.state.continuations >= 3
+
+    capped = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "b", max_turns=3, auto_continue=2)
+    first = await _collect(capped)
+    assert capped.outcome.status == "paused" and capped.state.continuations == 2
+    assert transcript(first) == transcript(whole[: len(first)])

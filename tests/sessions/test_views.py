@@ -170,3 +170,15 @@ class TestContinue:
         session = self._paused(alice)
         body = alice_client.get(session.get_absolute_url()).content.decode()
         assert f'hx-post="/sessions/{session.pk}/continue/"' in body and ">Continue</button>" in body
+
+
+def test_round_budget_from_the_form(alice_client, alice):
+    """The form's round budget and auto-continue land in the session's config."""
+    alice_client.post(reverse("sessions:new"), {"task": "t", "mode": "one_shot", "max_rounds": "4", "auto_continue": "2"})
+    assert Session.objects.get(owner=alice).config == {"max_turns": 4, "auto_continue": 2}
+
+
+@pytest.mark.parametrize("budget", ["0", "-3", "abc", "100000"])
+def test_bad_round_budget_is_refused(alice_client, budget):
+    response = alice_client.post(reverse("sessions:new"), {"task": "t", "mode": "one_shot", "max_rounds": budget})
+    assert response.status_code == 400 and not Session.objects.exists()
