@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet, Sum
 
 from orchestrator.engine.events import EngineEvent, EventKind
 from sessions.models import Event, Session
@@ -38,6 +38,19 @@ def engine_history(session_id: UUID | str) -> list[EngineEvent]:
             data=row.data,
             prompt_tokens=row.prompt_tokens,
             completion_tokens=row.completion_tokens,
+            cost_usd=float(row.cost_usd),
         )
         for row in Event.objects.filter(session_id=session_id).order_by("seq")
     ]
+
+
+def usage_by_agent(session_id: UUID | str) -> list[dict]:
+    """Tokens and cost per agent, most expensive first."""
+    return list(
+        Event.objects.filter(session_id=session_id)
+        .exclude(agent="")
+        .values("agent")
+        .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), cost=Sum("cost_usd"))
+        .filter(Q(prompt__gt=0) | Q(completion__gt=0))
+        .order_by("-cost", "-prompt", "agent")
+    )

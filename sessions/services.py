@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -178,9 +179,11 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -
     changes: dict[str, Any] = {"last_seq": seq, "updated_at": timezone.now()}
     if event.kind == EventKind.STATUS:
         changes["status"] = event.data["status"]
+    cost = Decimal(str(round(event.cost_usd, 6)))
     if event.prompt_tokens or event.completion_tokens:
         changes["prompt_tokens"] = F("prompt_tokens") + event.prompt_tokens
         changes["completion_tokens"] = F("completion_tokens") + event.completion_tokens
+        changes["cost_usd"] = F("cost_usd") + cost
     Session.objects.filter(pk=session_id).update(**changes)
     row = Event.objects.create(
         session_id=session_id,
@@ -192,6 +195,7 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -
         data=event.data,
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
+        cost_usd=cost,
     )
     _announce_event(row, session.owner_id)
     return row

@@ -11,5 +11,6 @@ urlpatterns = [
     path("new/", views.session_new, name="new"),
     path("<uuid:session_id>/", views.session_detail, name="detail"),
     path("<uuid:session_id>/continue/", views.session_continue, name="continue"),
+    path("<uuid:session_id>/usage/", views.session_usage, name="usage"),
     path("<uuid:session_id>/files/<path:path>", views.session_file, name="file"),
 ]

@@ -83,6 +83,16 @@ def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileRespo
     return response
 
 
+@require_GET
+@login_required
+def session_usage(request: HttpRequest, session_id: UUID) -> HttpResponse:
+    """Tokens and cost per agent, read fresh each time the panel opens."""
+    session = selectors.session_for_user(session_id, request.user)
+    if session is None:
+        raise Http404("No such session.")
+    return render(request, "sessions/usage.html", {"session": session, "rows": selectors.usage_by_agent(session.pk)})
+
+
 @require_POST
 @login_required
 def session_continue(request: HttpRequest, session_id: UUID) -> HttpResponse:

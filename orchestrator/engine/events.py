@@ -30,6 +30,7 @@ class EngineEvent:
     data: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -45,4 +46,5 @@ class EngineEvent:
             data=dict(raw.get("data") or {}),
             prompt_tokens=int(raw.get("prompt_tokens", 0)),
             completion_tokens=int(raw.get("completion_tokens", 0)),
+            cost_usd=float(raw.get("cost_usd", 0.0)),
         )

@@ -46,6 +46,8 @@ class ModelConfig:
     replay_script: str = ""  # path of a JSON file: {"agent": [reply, ...], ...}
     # Per-agent overrides of any field above, e.g. {"engineer": {"model": "qwen2.5-coder"}}.
     agents: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # USD per million tokens by model name: {"gpt-4o-mini": [input, output]}.
+    prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ModelConfig:
@@ -55,6 +57,7 @@ class ModelConfig:
             agent_overrides = json.loads(agents) if agents else {}
         except ValueError as exc:
             raise ModelConfigError(f"CMBAGENT_AGENT_MODELS is not valid JSON: {exc}") from exc
+        prices = _parse_prices(env.get("CMBAGENT_PRICES", ""))
         config = cls(
             provider=env.get("CMBAGENT_MODEL_PROVIDER", "offline"),
             model=env.get("CMBAGENT_MODEL", ""),
@@ -63,6 +66,7 @@ class ModelConfig:
             timeout=float(env.get("CMBAGENT_MODEL_TIMEOUT", "60")),
             replay_script=env.get("CMBAGENT_REPLAY_SCRIPT", ""),
             agents=agent_overrides,
+            prices=prices,
         )
         return replace(config, **{k: v for k, v in overrides.items() if v not in (None, "")})
 
@@ -74,9 +78,33 @@ class ModelConfig:
             return f"replay of {Path(self.replay_script).name}"
         return f"{self.model or DEFAULT_OPENAI_MODEL} at {self.base_url or 'api.openai.com'}"
 
+    def model_of(self, agent: str) -> str:
+        """The model name an agent's replies come from."""
+        chosen = self.for_agent(agent)
+        if chosen.provider == "openai":
+            return chosen.model or DEFAULT_OPENAI_MODEL
+        return chosen.provider
+
+    def cost(self, agent: str, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for one reply of ``agent``: offline and replay replies are free; unknown models cost 0."""
+        price_in, price_out = self.prices.get(self.model_of(agent), (0.0, 0.0))
+        return (prompt_tokens * price_in + completion_tokens * price_out) / 1_000_000
+
     def for_agent(self, agent: str) -> ModelConfig:
         override = dict(self.agents.get(agent, {}))
         return replace(self, agents={}, **override) if override else self
+
+
+def _parse_prices(raw: str) -> dict[str, tuple[float, float]]:
+    if not raw:
+        return {}
+    try:
+        table = json.loads(raw)
+        return {str(model): (float(pair[0]), float(pair[1])) for model, pair in table.items()}
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ModelConfigError(
+            'CMBAGENT_PRICES must be JSON like {"gpt-4o-mini": [0.15, 0.6]} (USD per million input, output tokens).'
+        ) from exc
 
 
 def _load_script(path: str) -> dict[str, list[CreateResult]]:

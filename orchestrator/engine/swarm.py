@@ -306,15 +306,17 @@ class SwarmOrchestrator:
         return out
 
     def _translate(self, item: object) -> list[EngineEvent]:
+        source = getattr(item, "source", "")
         usage = getattr(item, "models_usage", None)
-        tokens = {
+        tokens: dict[str, Any] = {
             "prompt_tokens": usage.prompt_tokens if usage else 0,
             "completion_tokens": usage.completion_tokens if usage else 0,
         }
-        source = getattr(item, "source", "")
+        if usage:
+            tokens["cost_usd"] = self.model.cost(source, usage.prompt_tokens, usage.completion_tokens)
         if isinstance(item, TextMessage) and source == "user":
             return [EngineEvent(EventKind.TASK, agent="user", content=item.content)]
-        role = {"role": role_of(source)}
+        role = {"role": role_of(source), "model": self.model.model_of(source)}
         if isinstance(item, ThoughtEvent | TextMessage):
             # A thought goes with a tool call or handoff of the same reply; a text message is a whole turn.
             data = {**role, "final": isinstance(item, TextMessage)}
@@ -352,7 +354,7 @@ class SwarmOrchestrator:
                         events.append(EngineEvent(EventKind.ARTIFACT, agent=source, content=artifact["path"], data=artifact))
             return events
         if isinstance(item, HandoffMessage):
-            spent = self._handoff_tokens or {"prompt_tokens": 0, "completion_tokens": 0}
+            spent = self._handoff_tokens or {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
             self._handoff_tokens = None
             data = {**role, "target": item.target, "target_role": role_of(item.target)}
             return [EngineEvent(EventKind.HANDOFF, agent=source, content=item.target, data=data, **spent)]

@@ -130,3 +130,27 @@ async def test_replay_script_drives_the_team(tmp_path):
     assert first_engine.outcome.status == "completed"
     assert "replayed" in next(e for e in first if e.kind == EventKind.TOOL_RESULT).content
     assert [e.to_dict() for e in first] == [e.to_dict() for e in second]
+
+
+async def test_cost_comes_from_the_price_table(tmp_path):
+    """Each reply is priced by its agent's model from the table; offline replies are free."""
+    prices = {"main-model": (1000.0, 2000.0), "coder-model": (10.0, 20.0)}
+    with FakeOpenAI(ONE_SHOT_SCRIPT) as fake:
+        config = ModelConfig(provider="openai", model="main-model", base_url=fake.base_url, stream=False,
+                             agents={"executor": {"model": "coder-model"}}, prices=prices)
+        _, events = await _run(tmp_path, config)
+    priced = [e for e in events if e.prompt_tokens]
+    # The fake server reports 11 prompt and 7 completion tokens per reply.
+    by_agent = {e.agent: e.cost_usd for e in priced}
+    assert by_agent["engineer"] == pytest.approx((11 * 1000 + 7 * 2000) / 1e6)
+    assert by_agent["executor"] == pytest.approx((11 * 10 + 7 * 20) / 1e6)
+    assert {e.data["model"] for e in priced} == {"main-model", "coder-model"}
+    _, offline = await _run(tmp_path / "offline", ModelConfig(prices=prices))
+    assert sum(e.cost_usd for e in offline) == 0 and sum(e.prompt_tokens for e in offline) > 0
+
+
+def test_price_table_from_environment():
+    config = ModelConfig.from_env({"CMBAGENT_PRICES": '{"gpt-4o-mini": [0.15, 0.6]}'})
+    assert config.prices == {"gpt-4o-mini": (0.15, 0.6)}
+    with pytest.raises(ModelConfigError, match="CMBAGENT_PRICES must be JSON"):
+        ModelConfig.from_env({"CMBAGENT_PRICES": '{"m": 3}'})

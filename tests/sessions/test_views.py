@@ -182,3 +182,21 @@ def test_round_budget_from_the_form(alice_client, alice):
 def test_bad_round_budget_is_refused(alice_client, budget):
     response = alice_client.post(reverse("sessions:new"), {"task": "t", "mode": "one_shot", "max_rounds": budget})
     assert response.status_code == 400 and not Session.objects.exists()
+
+
+def test_usage_by_agent_sums_tokens_and_cost(alice_client, alice, bob, client):
+    """The usage panel lists each agent's tokens and cost, with the session's totals."""
+    from orchestrator.engine.events import EngineEvent, EventKind
+
+    session = services.session_start(owner=alice, task="t", mode="one_shot")
+    for agent, tokens, cost in [("engineer", 100, 0.25), ("engineer", 50, 0.5), ("executor", 10, 0.0)]:
+        services.event_append(
+            session_id=session.pk, run_id=None,
+            event=EngineEvent(EventKind.HANDOFF, agent=agent, content="x", prompt_tokens=tokens, completion_tokens=1, cost_usd=cost),
+        )
+    body = alice_client.get(reverse("sessions:usage", args=[session.pk])).content.decode()
+    assert "<td>engineer</td><td>150</td><td>2</td><td>$0.75000</td>" in body
+    assert "<td>executor</td><td>10</td><td>1</td><td>$0.00000</td>" in body
+    assert "<th>Total</th><th>160</th><th>3</th><th>$0.75000</th>" in body
+    client.force_login(bob)
+    assert client.get(reverse("sessions:usage", args=[session.pk])).status_code == 404
