@@ -10,8 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.base import Handoff
 from autogen_core.models import ChatCompletionClient
 from autogen_core.tools import FunctionTool
+
+from orchestrator.engine.phases import PHASES
 
 PLAN_FORMAT = (
     "Write the plan as a markdown list under a '## Plan' heading, one step per line, "
@@ -27,6 +30,7 @@ class AgentSpec:
     prompt: str
     handoffs: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
+    phases: tuple[str, ...] = ()  # phases it may invoke as tools (invoke_<phase>_phase)
 
 
 AGENTS: dict[str, AgentSpec] = {
@@ -107,8 +111,9 @@ AGENTS: dict[str, AgentSpec] = {
             "copilot_control",
             "Copilot control",
             "Routes a request to a one-shot answer or to planning.",
-            "You are copilot control. Decide whether the request needs a plan or a direct answer.",
-            handoffs=("engineer", "researcher", "planner"),
+            "You are copilot control. Decide whether the request needs a plan or a direct answer, and "
+            "invoke that phase: invoke_planning_phase or invoke_one_shot_phase.",
+            phases=("planning", "one_shot"),
         ),
         AgentSpec(
             "terminator",
@@ -143,7 +148,17 @@ def build_agents(
                 description=spec.description,
                 system_message=spec.prompt,
                 model_client=client_for(spec.name),
-                handoffs=[target for target in spec.handoffs if target in taking_part],
+                handoffs=[target for target in spec.handoffs if target in taking_part]
+                + [
+                    Handoff(
+                        target=PHASES[phase].lead,
+                        name=PHASES[phase].tool_name,
+                        description=PHASES[phase].description,
+                        message=f"Invoked the {phase} phase; {PHASES[phase].lead} takes over.",
+                    )
+                    for phase in spec.phases
+                    if PHASES[phase].lead in taking_part
+                ],
                 tools=[
                     FunctionTool(tools[tool], description=tools[tool].__doc__ or tool, name=tool)
                     for tool in spec.tools

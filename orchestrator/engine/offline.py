@@ -333,9 +333,16 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         planned = len(words) > 25 or bool(re.search(r"\b(plan|steps|and then|pipeline|analysis)\b", task, re.I))
         if planned:
             thought = "**Route: planning.** The request has several parts, so the team will agree on a plan first."
-            return thought, self._handoff("planner", tools, "engineer")
+            return thought, self._invoke("planning", tools)
         thought = "**Route: one shot.** The request is focused; the engineer will answer it directly."
-        return thought, self._handoff("engineer", tools, "planner")
+        return thought, self._invoke("one_shot", tools)
+
+    def _invoke(self, phase: str, tools: set[str]) -> list[FunctionCall]:
+        name = f"invoke_{phase}_phase"
+        if name not in tools:
+            raise ValueError(f"{self.agent} cannot invoke the {phase} phase here (tools: {sorted(tools)})")
+        call_id = hashlib.sha256(f"{self.agent}:{name}".encode()).hexdigest()[:12]
+        return [FunctionCall(id=f"call_{call_id}", name=name, arguments="{}")]
 
     def _as_idea_maker(self, *, task, messages, texts, tools):
         topic = topic_of(task)

@@ -42,10 +42,15 @@ from orchestrator.engine.execution import CodeRunner
 from orchestrator.engine.models import ModelConfig, client_factory
 from orchestrator.engine.modes import Mode
 from orchestrator.engine.offline import PLAN_LINE, STEP_MARK
+from orchestrator.engine.phases import PHASE_TOOLS
 
 logger = logging.getLogger(__name__)
 
 HANDOFF_PREFIX = "transfer_to_"
+
+
+def _is_handoff(tool: str) -> bool:
+    return tool.startswith(HANDOFF_PREFIX) or tool in PHASE_TOOLS
 MAX_ROUNDS_REACHED = "max_rounds_reached"
 
 
@@ -322,7 +327,7 @@ class SwarmOrchestrator:
             data = {**role, "final": isinstance(item, TextMessage)}
             return [EngineEvent(EventKind.MESSAGE, agent=source, content=item.content, data=data, **tokens)]
         if isinstance(item, ToolCallRequestEvent):
-            calls = [c for c in item.content if not c.name.startswith(HANDOFF_PREFIX)]
+            calls = [c for c in item.content if not _is_handoff(c.name)]
             if calls:
                 return [
                     EngineEvent(
@@ -339,7 +344,7 @@ class SwarmOrchestrator:
         if isinstance(item, ToolCallExecutionEvent):
             events = []
             for result in item.content:
-                if result.name.startswith(HANDOFF_PREFIX):
+                if _is_handoff(result.name):
                     continue
                 events.append(
                     EngineEvent(
@@ -357,6 +362,8 @@ class SwarmOrchestrator:
             spent = self._handoff_tokens or {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
             self._handoff_tokens = None
             data = {**role, "target": item.target, "target_role": role_of(item.target)}
+            if item.content.startswith("Invoked the "):
+                data["phase"] = item.content.removeprefix("Invoked the ").split(" phase", 1)[0]
             return [EngineEvent(EventKind.HANDOFF, agent=source, content=item.target, data=data, **spent)]
         return []
 

@@ -182,3 +182,29 @@ async def test_a_failing_step_is_fixed_and_retried(tmp_path, mode):
     fix = [e for e in events if e.kind == EventKind.MESSAGE and e.agent == "engineer"][1]
     assert fix.content.startswith("The previous attempt failed (NameError: name 'peak_of' is not defined)")
     assert sum(1 for e in events if e.kind == EventKind.ARTIFACT) == 4  # both attempts wrote their files
+
+
+def test_phase_registry_matches_the_agents():
+    """Every phase is led by a registered agent, and copilot_control is offered its phases as tools."""
+    from orchestrator.engine.agents import AGENTS, build_agents
+    from orchestrator.engine.modes import Mode
+    from orchestrator.engine.offline import OfflineChatCompletionClient
+    from orchestrator.engine.phases import PHASES
+
+    assert {spec.tool_name for spec in PHASES.values()} >= {"invoke_planning_phase", "invoke_one_shot_phase"}
+    assert all(spec.lead in AGENTS for spec in PHASES.values())
+    async def execute_code(code: str) -> str:
+        return code
+
+    agents = build_agents(Mode.COPILOT.roster, client_for=OfflineChatCompletionClient, tools={"execute_code": execute_code})
+    copilot_control = next(a for a in agents if a.name == "copilot_control")
+    assert set(copilot_control._handoffs) == {"invoke_planning_phase", "invoke_one_shot_phase"}
+
+
+async def test_copilot_invokes_phases_as_tools(tmp_path):
+    """The route is a call of invoke_<phase>_phase, recorded on the handoff event."""
+    engine = SwarmOrchestrator(task="Make a plan to estimate the sound horizon", mode="copilot", work_dir=tmp_path)
+    events = [e async for e, _ in engine.run()]
+    first = next(e for e in events if e.kind == EventKind.HANDOFF)
+    assert first.data["phase"] == "planning" and first.content == "planner"
+    assert EventKind.TOOL_CALL not in {e.kind for e in events[: events.index(first)]}
