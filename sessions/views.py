@@ -15,8 +15,17 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from sessions import selectors, services
 from sessions.forms import SessionForm
+from sessions.models import Session
 
 logger = logging.getLogger(__name__)
+
+
+def _owned_session(request: HttpRequest, session_id: UUID) -> Session:
+    session = selectors.session_for_user(session_id, request.user)
+    if session is None:
+        # Someone else's session looks exactly like a missing one.
+        raise Http404("No such session.")
+    return session
 
 
 @require_GET
@@ -45,10 +54,7 @@ def session_new(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
-    session = selectors.session_for_user(session_id, request.user)
-    if session is None:
-        # Someone else's session looks exactly like a missing one.
-        raise Http404("No such session.")
+    session = _owned_session(request, session_id)
     events = selectors.transcript(session.pk)
     return render(
         request,
@@ -65,9 +71,7 @@ INLINE_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image
 @login_required
 def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileResponse:
     """A file written by the session's code, for its owner only."""
-    session = selectors.session_for_user(session_id, request.user)
-    if session is None:
-        raise Http404("No such session.")
+    session = _owned_session(request, session_id)
     root = (Path(settings.RUNS_DIR) / str(session.pk)).resolve()
     target = (root / path).resolve()
     if not target.is_relative_to(root) or ".code" in target.relative_to(root).parts or not target.is_file():
@@ -87,9 +91,7 @@ def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileRespo
 @login_required
 def session_usage(request: HttpRequest, session_id: UUID) -> HttpResponse:
     """Tokens and cost per agent, read fresh each time the panel opens."""
-    session = selectors.session_for_user(session_id, request.user)
-    if session is None:
-        raise Http404("No such session.")
+    session = _owned_session(request, session_id)
     return render(request, "sessions/usage.html", {"session": session, "rows": selectors.usage_by_agent(session.pk)})
 
 
@@ -97,8 +99,7 @@ def session_usage(request: HttpRequest, session_id: UUID) -> HttpResponse:
 @login_required
 def session_continue(request: HttpRequest, session_id: UUID) -> HttpResponse:
     """Continue a paused session with a fresh round budget."""
-    if selectors.session_for_user(session_id, request.user) is None:
-        raise Http404("No such session.")
+    _owned_session(request, session_id)
     try:
         services.session_continue(session_id=session_id, user=request.user)
     except services.SessionError as exc:
