@@ -16,6 +16,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from cmbagent_site.channel_layers import redis_layer
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CMBAGENT_VAR_DIR", BASE_DIR / "var"))
 
@@ -121,18 +123,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # redis-py 8 times reads out after 5 s by default, which races the
-                # 5 s blocking read channels-redis uses to receive: an idle socket's
-                # consumer would die with a TimeoutError. Give reads more room.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
-                "prefix": os.environ.get("CHANNELS_PREFIX", "cmbagent"),
-            },
-        }
-    }
+    CHANNEL_LAYERS = {"default": redis_layer(REDIS_URL, os.environ.get("CHANNELS_PREFIX", "cmbagent"))}
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
