@@ -9,6 +9,3 @@ WORKER_CHANNEL = "orchestrator"
 def session_group(session_id: UUID | str) -> str:
     return f"session.{session_id}"
 
-
-def user_sessions_group(user_id: int) -> str:
-    return f"user-sessions.{user_id}"

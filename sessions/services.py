@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from orchestrator.engine.events import EngineEvent, EventKind
 from sessions.fragments import NOTE_HTML_LIMIT, render_push
-from sessions.groups import WORKER_CHANNEL, session_group, user_sessions_group
+from sessions.groups import WORKER_CHANNEL, session_group
 from sessions.models import Event, Run, Session, SessionState
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _send(kind: str, target: str, message: dict[str, Any]) -> None:
         logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
 
 
-def _announce_event(row: Event, owner_id: int) -> None:
+def _announce_event(row: Event) -> None:
     def announce() -> None:
         # Rendered once here, after commit, for every socket watching: a socket
         # whose cursor is just before this seq sends it as it is; any other
@@ -72,9 +72,6 @@ def _announce_event(row: Event, owner_id: int) -> None:
         _send("group", session_group(row.session_id), note)
 
     transaction.on_commit(announce)
-    transaction.on_commit(
-        lambda: _send("group", user_sessions_group(owner_id), {"type": "session.changed", "session_id": str(row.session_id)})
-    )
 
 
 def worker_wake() -> None:
@@ -174,7 +171,7 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -
     Must run inside a transaction. Applies the event's effect on the session
     (status, token totals) in the same transaction.
     """
-    session = Session.objects.select_for_update().only("pk", "owner_id", "last_seq").get(pk=session_id)
+    session = Session.objects.select_for_update().only("pk", "last_seq").get(pk=session_id)
     seq = session.last_seq + 1
     changes: dict[str, Any] = {"last_seq": seq, "updated_at": timezone.now()}
     if event.kind == EventKind.STATUS:
@@ -197,7 +194,7 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -
         completion_tokens=event.completion_tokens,
         cost_usd=cost,
     )
-    _announce_event(row, session.owner_id)
+    _announce_event(row)
     return row
 
 
