@@ -25,6 +25,7 @@ from django.conf import settings
 
 from orchestrator.engine import SwarmOrchestrator
 from orchestrator.engine.events import EngineEvent, EventKind
+from orchestrator.engine.hitl import Answer, AnswerError, Policy
 from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
 from sessions import selectors, services
 from sessions.groups import WORKER_CHANNEL
@@ -116,6 +117,7 @@ class RunWorker:
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
         append = database_sync_to_async(services.event_append)
         status, detail = Run.Status.FAILED, ""
+        stopped = False
         try:
             model = ModelConfig.from_env(provider=session.model_provider)
             engine = SwarmOrchestrator(
@@ -125,11 +127,14 @@ class RunWorker:
                 model=model,
                 max_turns=session.config.get("max_turns"),
                 auto_continue=int(session.config.get("auto_continue", 0)),
+                policy=Policy.for_session(session.mode, session.config),
             )
             await check_reachable(model)
             # A continued or taken-over run goes on from the log: nothing repeated.
             history = await database_sync_to_async(selectors.engine_history)(session.pk)
-            async for event, checkpoint in engine.run(history):
+            # A run queued with a person's answer starts by applying it.
+            events = engine.resume(history, Answer.from_dict(run.answer)) if run.answer else engine.run(history)
+            async for event, checkpoint in events:
                 if event.kind in TAIL_KINDS:
                     tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
                 row = await append(
@@ -148,11 +153,20 @@ class RunWorker:
                 status, detail = Run.Status.COMPLETED, "The team finished the task."
             elif outcome.status == "paused":
                 status, detail = Run.Status.PAUSED, f"The round budget is spent ({outcome.reason}); Continue gives a fresh one."
+            elif outcome.status == "waiting":
+                status = Run.Status.WAITING_APPROVAL
+                detail = f"Waiting for a person to answer the {outcome.reason.replace('_', ' ')} request."
+            elif outcome.status == "cancelled":
+                status, detail = Run.Status.CANCELLED, f"The run was {outcome.reason}."
             else:
                 detail = outcome.reason
         except asyncio.CancelledError:
-            status, detail = Run.Status.CANCELLED, "The worker stopped."
+            stopped = True
             raise
+        except AnswerError as exc:
+            # Checked when it was recorded, so the log changed since: say so, and change nothing else.
+            detail = f"The answer no longer fits the session: {exc}"
+            await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail))
         except ModelConfigError as exc:
             logger.warning("run %s cannot start: %s", run.pk, exc)
             detail = str(exc)
@@ -162,7 +176,7 @@ class RunWorker:
             detail = f"{type(exc).__name__}: {exc}"
         finally:
             heartbeat.cancel()
-            if status != Run.Status.CANCELLED:
+            if not stopped:
                 await database_sync_to_async(services.run_finish)(
                     run_id=run.pk, worker_id=self.worker_id, status=status, detail=detail
                 )

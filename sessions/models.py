@@ -23,11 +23,8 @@ class Status(models.TextChoices):
 
 
 class Session(models.Model):
-    class Mode(models.TextChoices):
-        ONE_SHOT = EngineMode.ONE_SHOT.value, EngineMode.ONE_SHOT.label
-        PLANNING_AND_CONTROL = EngineMode.PLANNING_AND_CONTROL.value, EngineMode.PLANNING_AND_CONTROL.label
-        IDEA_GENERATION = EngineMode.IDEA_GENERATION.value, EngineMode.IDEA_GENERATION.label
-        COPILOT = EngineMode.COPILOT.value, EngineMode.COPILOT.label
+    # The engine's modes, one place: adding a mode there offers it here.
+    Mode = models.TextChoices("Mode", [(mode.name, (mode.value, mode.label)) for mode in EngineMode])
 
     Status = Status
 
@@ -80,6 +77,8 @@ class Run(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # A person's answer to the request the session waits on; the run starts by applying it.
+    answer = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -21,6 +21,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from orchestrator.engine import hitl
 from orchestrator.engine.events import EngineEvent, EventKind
 from sessions.fragments import NOTE_HTML_LIMIT, render_push
 from sessions.groups import WORKER_CHANNEL, session_group
@@ -235,6 +236,37 @@ def session_continue(*, session_id: UUID | str, user) -> Run:
         _append(session.pk, run_id=run.pk, event=_status_event("queued", "Continuing with a fresh round budget."))
         worker_wake()
     logger.info("session %s continued by user %s (run %d)", session.pk, user.pk, number)
+    return run
+
+
+def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer) -> Run:
+    """Record a person's answer to the request the session waits on, and queue the run that applies it.
+
+    The answer is checked against the open request first (an unknown option,
+    a rejection without feedback, an empty edit): a bad one raises
+    :class:`SessionError` and nothing is written.
+    """
+    from sessions import selectors  # selectors import models only; kept local to avoid a cycle at import
+
+    with transaction.atomic():
+        session = Session.objects.select_for_update().filter(pk=session_id, owner=user).first()
+        if session is None:
+            raise SessionError("No such session.")
+        if session.status != Session.Status.WAITING_APPROVAL:
+            raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
+        request = hitl.open_request(selectors.engine_history(session.pk))
+        if request is None:
+            raise SessionError("This session has no open request.")
+        try:
+            checked = hitl.validate(request, answer)
+        except hitl.AnswerError as exc:
+            raise SessionError(str(exc)) from exc
+        checked = hitl.Answer(checked.decision, checked.feedback, checked.edits, by=answer.by or user.get_username())
+        run = Run.objects.create(session=session, number=session.runs.count() + 1, answer=checked.to_dict())
+        label = hitl.OPTION_LABELS.get(checked.decision, checked.decision)
+        _append(session.pk, run_id=run.pk, event=_status_event("queued", f"{label}: answer recorded; the team goes on."))
+        worker_wake()
+    logger.info("session %s: user %s answered %s with %s", session.pk, user.pk, request.data.get("request"), checked.decision)
     return run
 
 

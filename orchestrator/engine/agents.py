@@ -73,8 +73,9 @@ AGENTS: dict[str, AgentSpec] = {
             "Engineer",
             "Writes Python code for computational steps.",
             "You are the engineer. Write one self-contained Python code block for the step; "
-            "save plots and data to files in the working directory. Hand the code to executor.",
-            handoffs=("executor",),
+            "save plots and data to files in the working directory. Hand the code to executor. "
+            "If a person denies running it, do not run it: hand back to control (or to summarizer).",
+            handoffs=("executor", "control", "summarizer"),
         ),
         AgentSpec(
             "executor",

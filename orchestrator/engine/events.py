@@ -16,6 +16,8 @@ class EventKind(enum.StrEnum):
     PHASE = "phase"  # the team moved to another phase
     STEP = "step"  # control started a step of the plan
     ARTIFACT = "artifact"  # a file written by executed code
+    APPROVAL = "approval"  # a person must decide; the run waits for the answer
+    DECISION = "decision"  # a person's answer to an approval request
     ERROR = "error"  # something failed; the cause is in content
     STATUS = "status"  # run lifecycle (written by the worker, not the engine)
 

@@ -46,6 +46,11 @@ PLAN_LINE = re.compile(r"^\s*(\d+)\.\s*\[(researcher|engineer)\]\s*(.+?)\s*$", r
 STEP_MARK = re.compile(r"\*\*Step (\d+)/(\d+)\*\*")
 CODE_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 RETRY_WORD = re.compile(r"\bretry\b", re.IGNORECASE)
+# A person's decisions, as the engine words them (see orchestrator.engine.hitl).
+NEXT_REQUEST = "**Next request:** "
+PLAN_REJECTED = re.compile(r"\*\*Human decision on the plan: rejected\.\*\*(?:\s*Feedback from the human: (.*?))?\n\nRevise", re.DOTALL)
+STEP_DECISION = re.compile(r"\*\*Human decision after step \d+: (skip|redo) step (\d+)\.\*\*")
+CODE_DENIED = "**Human decision on the code: denied.**"
 
 
 def _words(text: str) -> int:
@@ -220,6 +225,8 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             "",
         )
         texts = [_text_of(m) for m in messages if not isinstance(m, SystemMessage)]
+        # In a copilot conversation, the newest request is the task at hand.
+        task = next((t.split(NEXT_REQUEST, 1)[1] for t in reversed(texts) if NEXT_REQUEST in t), task)
         behaviour = getattr(self, f"_as_{self.agent}", None)
         if behaviour is None:
             return None, f"{self.agent} has nothing to add. TERMINATE"
@@ -247,8 +254,16 @@ class OfflineChatCompletionClient(ChatCompletionClient):
 
     def _as_planner(self, *, task, messages, texts, tools):
         steps = plan_for(task)
+        rejected = [m for t in texts if (m := PLAN_REJECTED.search(t))]
+        note = "Each step has one owner; control will walk them in order."
+        if rejected:
+            feedback = re.sub(r"\s+", " ", rejected[-1].group(1) or "").strip()[:200] or "make the plan more thorough"
+            # The revision takes the feedback in as a step of its own, before the conclusions.
+            agent = "engineer" if re.search(r"\b(code|comput|plot|run|simulat|test)", feedback, re.I) else "researcher"
+            steps.insert(len(steps) - 1, (agent, f"Address the reviewer's feedback: {feedback}"))
+            note = f"Revised after the human's feedback: \u201c{feedback}\u201d."
         plan = "\n".join(f"{i}. [{agent}] {desc}" for i, (agent, desc) in enumerate(steps, 1))
-        thought = f"## Plan\n\n{plan}\n\nEach step has one owner; control will walk them in order."
+        thought = f"## Plan\n\n{plan}\n\n{note}"
         return thought, self._handoff("plan_reviewer", tools, "control")
 
     def _as_plan_reviewer(self, *, task, messages, texts, tools):
@@ -259,9 +274,24 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         )
         return thought, self._handoff("control", tools, "planner")
 
+    def _next_step(self, messages: list[LLMMessage]) -> int:
+        """How many steps of the newest plan are behind: announced, skipped, or sent back to be redone."""
+        texts = [_text_of(m) for m in messages]
+        start = max((i for i, t in enumerate(texts) if "## Plan" in t), default=0)
+        behind = 0
+        for message, text in zip(messages[start:], texts[start:], strict=True):
+            source = getattr(message, "source", "")
+            mark = STEP_MARK.search(text)
+            if source == self.agent and mark:
+                behind = int(mark.group(1))
+            elif source == "human" and (decision := STEP_DECISION.search(text)):
+                number = int(decision.group(2))
+                behind = number if decision.group(1) == "skip" else number - 1
+        return behind
+
     def _as_control(self, *, task, messages, texts, tools):
         steps = self._plan(texts) or plan_for(task)
-        done = sum(1 for text in self._said(messages) if STEP_MARK.search(text))
+        done = self._next_step(messages)
         if done >= len(steps):
             return f"All {len(steps)} steps are done. Handing over for the summary.", self._handoff(
                 "summarizer", tools, "summarizer"
@@ -296,6 +326,9 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         since_step = texts[max((i for i, t in enumerate(texts) if STEP_MARK.search(t)), default=0) :]
         failures = [t for t in since_step if t.startswith("exitcode:") and "execution failed" in t]
         code = code_for(task, step)
+        if since_step and CODE_DENIED in since_step[-1]:
+            thought = "Understood: the code will not be run. Handing back without a result for this step."
+            return thought, self._handoff("control" if self._plan(texts) else "summarizer", tools, "summarizer")
         if failures:
             errors = failures[-1].split("Errors:\n", 1)[-1].split("\nFiles written:", 1)[0]
             error = (errors.strip().splitlines() or ["an error"])[-1]

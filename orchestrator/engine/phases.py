@@ -25,6 +25,9 @@ PHASES: dict[str, PhaseSpec] = {
     for spec in (
         PhaseSpec("planning", "planner", "Agree on a plan of steps with the plan reviewer, then carry it out step by step."),
         PhaseSpec("control", "control", "Walk an agreed plan one step at a time."),
+        PhaseSpec("hitl_planning", "planner", "Plan as in planning, then wait for a person to approve, reject or edit the plan."),
+        PhaseSpec("hitl_control", "control", "Walk the plan, stopping after each step for a person's checkpoint."),
+        PhaseSpec("hitl_checkpoint", "control", "A person reviews the finished step: continue, skip the next, redo it, or abort."),
         PhaseSpec("one_shot", "engineer", "Answer directly: the engineer writes code and the executor runs it."),
         PhaseSpec("idea_generation", "idea_maker", "Propose research ideas and criticise them until the strongest remain."),
     )

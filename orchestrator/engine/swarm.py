@@ -39,9 +39,21 @@ from autogen_core.models import ChatCompletionClient, FunctionExecutionResult
 from orchestrator.engine.agents import build_agents, role_of
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.execution import CodeRunner
+from orchestrator.engine.hitl import (
+    GATE_PREFIX,
+    HUMAN,
+    Answer,
+    AnswerError,
+    Gate,
+    Policy,
+    Request,
+    decision_event,
+    open_request,
+    validate,
+)
 from orchestrator.engine.models import ModelConfig, client_factory
 from orchestrator.engine.modes import Mode
-from orchestrator.engine.offline import PLAN_LINE, STEP_MARK
+from orchestrator.engine.offline import CODE_BLOCK, PLAN_LINE, STEP_MARK
 from orchestrator.engine.phases import PHASE_TOOLS
 
 logger = logging.getLogger(__name__)
@@ -51,12 +63,16 @@ HANDOFF_PREFIX = "transfer_to_"
 
 def _is_handoff(tool: str) -> bool:
     return tool.startswith(HANDOFF_PREFIX) or tool in PHASE_TOOLS
+
+
 MAX_ROUNDS_REACHED = "max_rounds_reached"
 
 
 @dataclass(slots=True)
 class RunOutcome:
-    """How a run ended: ``completed``, ``paused`` (round budget) or ``failed``."""
+    """How a run ended: ``completed``, ``paused`` (round budget), ``waiting`` (for a
+    person's answer; the reason names the request), ``cancelled`` (a person aborted)
+    or ``failed``."""
 
     status: str
     reason: str = ""
@@ -73,6 +89,7 @@ class Checkpoint:
     turns: int = 0
     continuations: int = 0
     context_variables: dict[str, Any] = field(default_factory=dict)
+    waiting: dict[str, Any] | None = None  # the open approval request, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +100,7 @@ class Checkpoint:
             "turns": self.turns,
             "continuations": self.continuations,
             "context_variables": dict(self.context_variables),
+            "waiting": dict(self.waiting) if self.waiting else None,
         }
 
     def apply(self, event: EngineEvent) -> None:
@@ -93,26 +111,45 @@ class Checkpoint:
             self.speaker = event.agent
             if event.agent == "control" and self.plan and "steps are done" in event.content:
                 for step in self.plan:
-                    step["status"] = "done"
+                    if step["status"] != "skipped":
+                        step["status"] = "done"
         elif event.kind == EventKind.PLAN:
             self.plan = [dict(s) for s in event.data["steps"]]
             self.step = 0
         elif event.kind == EventKind.STEP:
             number = event.data["step"]
             for step in self.plan:
-                if step["number"] < number:
+                if step["number"] < number and step["status"] != "skipped":
                     step["status"] = "done"
                 elif step["number"] == number:
                     step["status"] = "running"
             self.step = number
+        elif event.kind == EventKind.APPROVAL:
+            self.waiting = {"request": event.data.get("request"), "options": list(event.data.get("options", []))}
+        elif event.kind == EventKind.DECISION:
+            self.waiting = None
+            decision = event.data.get("decision")
+            if decision == "allow_session":
+                self.context_variables["code_allowed"] = True
+            elif decision == "skip" and event.data.get("request") == Request.STEP:
+                for step in self.plan:
+                    if step["number"] == event.data.get("step", 0) + 1:
+                        step["status"] = "skipped"
+            if event.data.get("edits", {}).get("steps"):
+                self.plan = [dict(s) for s in event.data["edits"]["steps"]]
+                self.step = 0
+            if event.data.get("feedback"):
+                self.context_variables["last_feedback"] = event.data["feedback"][:500]
 
 
 def _ends_turn(events: Sequence[EngineEvent], i: int) -> bool:
     """Whether the team could be started afresh right after ``events[i]``."""
     event = events[i]
     following = events[i + 1] if i + 1 < len(events) else None
-    if event.kind in (EventKind.TASK, EventKind.HANDOFF):
+    if event.kind in (EventKind.TASK, EventKind.HANDOFF, EventKind.APPROVAL, EventKind.DECISION):
         return True
+    if event.kind == EventKind.PLAN and event.agent == HUMAN:
+        return True  # an edited plan, recorded with its decision
     if event.kind == EventKind.MESSAGE:
         return bool(event.data.get("final"))
     if event.kind in (EventKind.TOOL_RESULT, EventKind.ARTIFACT):
@@ -159,6 +196,9 @@ def messages_from_log(events: Sequence[EngineEvent]) -> list[BaseChatMessage]:
                     ],
                 )
             )
+        elif event.kind == EventKind.DECISION:
+            # The decision reaches the team as a handoff from the human to the agent that acts on it.
+            messages.append(HandoffMessage(source=HUMAN, target=event.data["target"], content=event.data["message"]))
         elif event.kind == EventKind.HANDOFF:
             target = event.data.get("target", event.content)
             messages.append(
@@ -194,6 +234,7 @@ class SwarmOrchestrator:
         max_turns: int | None = None,
         auto_continue: int = 0,
         code_timeout: float = 30.0,
+        policy: Policy | None = None,
     ) -> None:
         self.task = task
         self.mode = Mode(mode)
@@ -204,8 +245,13 @@ class SwarmOrchestrator:
         self.max_turns = max_turns
         # How many spent budgets to continue past without asking: a hard ceiling.
         self.auto_continue = max(0, auto_continue)
+        # Which decisions wait for a person (hitl modes, code and error guards).
+        self.policy = policy or Policy.for_session(str(self.mode))
         self.state = Checkpoint()
         self.outcome: RunOutcome | None = None
+        # The newest code block and failed execution, quoted by approval requests.
+        self._last_code = ""
+        self._last_failure = ""
         # Artifacts of each execute_code call, oldest first. autogen runs the team
         # ahead of the consumer of run_stream, so artifacts are matched to their
         # own tool result, in call order, never to whatever event comes next.
@@ -225,9 +271,10 @@ class SwarmOrchestrator:
             tools={"execute_code": self.execute_code},
             stream=self.model.provider == "openai" and self.model.stream,
         )
+        gate = Gate(self.policy, code_allowed=bool(self.state.context_variables.get("code_allowed")))
         return Swarm(
             agents,
-            termination_condition=TextMentionTermination("TERMINATE", sources=["terminator"]),
+            termination_condition=TextMentionTermination("TERMINATE", sources=["terminator"]) | gate,
             max_turns=self.max_turns,
         )
 
@@ -239,6 +286,11 @@ class SwarmOrchestrator:
         """
         log = list(history)
         automatic = 0
+        request = open_request(log)
+        if request is not None:
+            # Still waiting for the person: nothing runs and nothing is asked twice.
+            self.outcome = RunOutcome("waiting", request.data.get("request", ""))
+            return
         while True:
             async for event, checkpoint in self._run_once(log):
                 log.append(event)
@@ -247,6 +299,39 @@ class SwarmOrchestrator:
                 return
             automatic += 1
             log.append(EngineEvent(EventKind.STATUS, data={"status": "paused", "automatic": True}))
+
+    async def resume(
+        self, history: Sequence[EngineEvent], answer: Answer
+    ) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
+        """Answer the request that ``history`` (the event log) ends waiting on, and go on.
+
+        The first event yielded is the decision itself; the run then continues
+        as :meth:`run` does. An answer that does not fit the request raises
+        :class:`~orchestrator.engine.hitl.AnswerError` before anything is yielded.
+        """
+        log = list(history)
+        request = open_request(log)
+        if request is None:
+            raise AnswerError("Nothing in this session is waiting for an answer.")
+        answer = validate(request, answer)
+        self.state = Checkpoint()
+        for event in log:
+            if event.kind not in (EventKind.STATUS, EventKind.ERROR):
+                self.state.apply(event)
+        decision = decision_event(request, answer, planned=bool(self.state.plan))
+        added = [decision]
+        if answer.edits.get("steps"):
+            steps = answer.edits["steps"]
+            added.append(EngineEvent(EventKind.PLAN, agent=HUMAN, content=f"{len(steps)} steps (edited)", data={"steps": steps}))
+        for event in added:
+            self.state.apply(event)
+            log.append(event)
+            yield event, self.state.to_dict()
+        if answer.decision == "abort":
+            self.outcome = RunOutcome("cancelled", f"aborted by {answer.by or 'a person'}")
+            return
+        async for pair in self.run(log):
+            yield pair
 
     async def _run_once(self, history: Sequence[EngineEvent]) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
         self.outcome = None
@@ -258,6 +343,7 @@ class SwarmOrchestrator:
         self.state = Checkpoint()
         for event in done:
             self.state.apply(event)
+            self._note(event)
         task: str | list[BaseChatMessage] = self.task
         if done:
             self.state.continuations = sum(1 for e in history if e.kind == EventKind.STATUS and e.data.get("status") == "paused")
@@ -274,11 +360,16 @@ class SwarmOrchestrator:
                     self.outcome = self._outcome_of(item)
                     continue
                 for event in self._structured(self._translate(item)):
+                    self._note(event)
                     if pending and _same(pending[0], event):
                         pending.popleft()  # already in the log: not repeated
                         continue
                     pending.clear()
                     yield event, self.state.to_dict()
+            if self.outcome is not None and self.outcome.status == "waiting":
+                request = self._request(Request(self.outcome.reason))
+                self.state.apply(request)
+                yield request, self.state.to_dict()
         except Exception as exc:  # noqa: BLE001 - any failure of the team ends the run visibly
             logger.exception("run failed")
             self.outcome = RunOutcome("failed", f"{type(exc).__name__}: {exc}")
@@ -286,9 +377,54 @@ class SwarmOrchestrator:
 
     def _outcome_of(self, result: TaskResult) -> RunOutcome:
         reason = result.stop_reason or ""
+        if reason.startswith(GATE_PREFIX):
+            return RunOutcome("waiting", reason.removeprefix(GATE_PREFIX))
         if "Maximum number of turns" in reason:
             return RunOutcome("paused", MAX_ROUNDS_REACHED)
         return RunOutcome("completed", reason)
+
+    # --- approval requests --------------------------------------------------
+
+    def _note(self, event: EngineEvent) -> None:
+        """Remember what an approval request may quote: the newest code and failure."""
+        if event.kind == EventKind.MESSAGE and event.agent == "engineer":
+            blocks = CODE_BLOCK.findall(event.content)
+            if blocks:
+                self._last_code = blocks[-1]
+        elif event.kind == EventKind.DECISION and event.data.get("edits", {}).get("code"):
+            self._last_code = event.data["edits"]["code"]
+        elif event.kind == EventKind.TOOL_RESULT and event.data.get("name") == "execute_code":
+            self._last_failure = "" if "execution succeeded" in event.content else event.content
+
+    def _request(self, kind: Request) -> EngineEvent:
+        """The approval event for a gate the team stopped at, from the state it stopped in."""
+        state = self.state
+        options = list(kind.options)
+        data: dict[str, Any] = {"request": str(kind), "phase": state.phase}
+        if kind == Request.PLAN:
+            agent = "plan_reviewer"
+            content = f"The team agreed on a plan of {len(state.plan)} steps. Approve it, reject it with feedback, or edit the steps."
+            data["plan"] = [dict(s) for s in state.plan]
+        elif kind == Request.STEP:
+            agent, of = "control", len(state.plan)
+            data.update(step=state.step, of=of, phase="hitl_checkpoint")
+            if state.step >= of:
+                options.remove("skip")  # nothing left to skip
+            done = next((s["description"] for s in state.plan if s["number"] == state.step), "")
+            content = f"Step {state.step} of {of} is done: {done}. Continue, skip the next step, redo this one, or abort."
+        elif kind == Request.CODE:
+            agent = "executor"
+            data["code"] = self._last_code
+            content = "The engineer wants to run this code. Allow it, allow code for the rest of the session, deny it, or edit it."
+        elif kind == Request.ERROR:
+            agent = "executor"
+            data.update(code=self._last_code, error=self._last_failure[-4000:])
+            content = "The code failed. Retry with a fix, skip this part, or abort the run."
+        else:
+            agent = "copilot_control"
+            content = "The team has answered. Send the next request, or finish the session."
+        data["options"] = options
+        return EngineEvent(EventKind.APPROVAL, agent=agent, content=content, data=data)
 
     # --- translation --------------------------------------------------------
 

@@ -201,3 +201,43 @@ async def test_only_a_paused_session_can_be_continued(alice):
     session = await _start(alice, mode="one_shot")
     with pytest.raises(services.SessionError, match="Only a paused session can be continued; this one is queued"):
         await database_sync_to_async(services.session_continue)(session_id=session.pk, user=alice)
+
+
+async def test_waiting_run_holds_no_process_and_an_answer_resumes_it(alice):
+    """A hitl run ends its run at the plan, waiting; the owner's answer queues a run that goes on from there."""
+    session = await _start(alice, mode="hitl_plan")
+    await _run_once(RunWorker(worker_id="w-first"))
+    session, run, state = await _reload(session)
+    assert session.status == "waiting_approval" and run.status == "waiting_approval"
+    assert run.lease_owner == "" and state.engine_state["waiting"]["request"] == "plan"
+    waiting_log = await _log(session)
+    assert waiting_log[-2][1] == "approval" and waiting_log[-1][1] == "status"
+
+    with pytest.raises(services.SessionError, match="not an answer"):
+        await database_sync_to_async(services.session_answer)(
+            session_id=session.pk, user=alice, answer=services.hitl.Answer("maybe")
+        )
+    assert await _log(session) == waiting_log  # a refused answer writes nothing
+    await database_sync_to_async(services.session_answer)(
+        session_id=session.pk, user=alice, answer=services.hitl.Answer("approve", feedback="Looks right")
+    )
+    # Another worker (as after a restart) applies the answer from the database alone.
+    await _run_once(RunWorker(worker_id="w-second"))
+    session, run, _ = await _reload(session)
+    assert session.status == "completed" and run.answer["by"] == "alice"
+    log = await _log(session)
+    assert [seq for seq, _, _ in log] == list(range(1, len(log) + 1))
+    decision = await database_sync_to_async(Event.objects.get)(session=session, kind="decision")
+    assert decision.data["decision"] == "approve" and decision.data["feedback"] == "Looks right"
+    assert sum(1 for _, kind, _ in log if kind == "plan") == 1  # nothing planned twice
+
+
+async def test_abort_at_a_checkpoint_cancels_the_session(alice):
+    session = await _start(alice, mode="hitl_steps")
+    await _run_once(RunWorker(worker_id="w-first"))
+    await database_sync_to_async(services.session_answer)(
+        session_id=session.pk, user=alice, answer=services.hitl.Answer("abort")
+    )
+    await _run_once(RunWorker(worker_id="w-second"))
+    session, run, _ = await _reload(session)
+    assert session.status == "cancelled" and run.status == "cancelled" and run.finished_at is not None
