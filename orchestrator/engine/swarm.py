@@ -298,7 +298,14 @@ class SwarmOrchestrator:
             if not (self.outcome and self.outcome.status == "paused" and automatic < self.auto_continue):
                 return
             automatic += 1
-            log.append(EngineEvent(EventKind.STATUS, data={"status": "paused", "automatic": True}))
+            # Logged, so a later continuation (in another process) still counts it.
+            note = EngineEvent(
+                EventKind.STATUS,
+                content=f"The round budget was spent; continuing automatically ({automatic} of {self.auto_continue}).",
+                data={"status": "running", "auto_continue": automatic},
+            )
+            log.append(note)
+            yield note, self.state.to_dict()
 
     async def resume(
         self, history: Sequence[EngineEvent], answer: Answer
@@ -346,7 +353,9 @@ class SwarmOrchestrator:
             self._note(event)
         task: str | list[BaseChatMessage] = self.task
         if done:
-            self.state.continuations = sum(1 for e in history if e.kind == EventKind.STATUS and e.data.get("status") == "paused")
+            self.state.continuations = sum(
+                1 for e in history if e.kind == EventKind.STATUS and (e.data.get("status") == "paused" or e.data.get("auto_continue"))
+            )
             task = messages_from_log(done)
         echoes = len(task) if isinstance(task, list) else 0
         pending = collections.deque(unfinished)

@@ -111,11 +111,58 @@ async def test_auto_continue_goes_on_up_to_its_ceiling(tmp_path):
     whole = await _uninterrupted(tmp_path)
     unattended = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "a", max_turns=3, auto_continue=100)
     events = await _collect(unattended)
+    notes = [e for e in events if e.kind == EventKind.STATUS]
+    team = [e for e in events if e.kind != EventKind.STATUS]
     assert unattended.outcome.status == "completed"
-    assert transcript(events) == transcript(whole)
-    assert unattended.state.continuations >= 3
+    assert transcript(team) == transcript(whole)
+    # Each automatic continuation is in the log, numbered.
+    assert [e.data["auto_continue"] for e in notes] == list(range(1, len(notes) + 1))
+    assert unattended.state.continuations == len(notes) >= 3
 
     capped = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "b", max_turns=3, auto_continue=2)
     first = await _collect(capped)
     assert capped.outcome.status == "paused" and capped.state.continuations == 2
-    assert transcript(first) == transcript(whole[: len(first)])
+    team = [e for e in first if e.kind != EventKind.STATUS]
+    assert transcript(team) == transcript(whole[: len(team)])
+
+    # Continued later by a fresh orchestrator (another process): the automatic ones still count.
+    log = first + [EngineEvent(EventKind.STATUS, data={"status": "paused"})]
+    later = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "b", max_turns=3)
+    await _collect(later, log)
+    assert later.state.continuations == 3
+
+
+async def _drive(work_dir, mode, log, task=TASK):
+    """Run ``log`` to the end in fresh orchestrators, answering each request with feedback of its own."""
+    from orchestrator.engine.hitl import Answer, open_request
+
+    while True:
+        engine = SwarmOrchestrator(task=task, mode=mode, work_dir=work_dir)
+        request = open_request(log)
+        if request is not None:
+            decision = "reject" if request.data["request"] == "plan" and len(request.data["plan"]) == 3 else request.data["options"][0]
+            stream = engine.resume(log, Answer(decision, feedback=f"note {len(log)}: add a convergence test"))
+        else:
+            stream = engine.run(log)
+        log.extend([event async for event, _ in stream])
+        if engine.outcome.status != "waiting":
+            assert engine.outcome.status == "completed"
+            return log
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=80), mode=st.sampled_from(["hitl_both", "hitl_steps"]))
+@example(cut=17, mode="hitl_both")
+def test_stop_anywhere_in_a_decided_run_and_continue(tmp_path_factory, cut, mode):
+    """With requests and decisions (a rejected plan, feedback), any cut continues to the same transcript."""
+
+    async def scenario():
+        base = tmp_path_factory.mktemp("hitl")
+        whole = await _drive(base / "whole", mode, [])
+        assert any(e.kind == EventKind.DECISION for e in whole)
+        at = min(cut, len(whole))
+        stored = [EngineEvent.from_dict(d) for d in json.loads(json.dumps([e.to_dict() for e in whole[:at]]))]
+        rest = await _drive(base / "cut", mode, stored)
+        assert transcript(rest) == transcript(whole)
+
+    asyncio.run(scenario())
