@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -23,16 +25,16 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from orchestrator.engine import SwarmOrchestrator
 from orchestrator.engine.events import EngineEvent, EventKind
-from orchestrator.engine.hitl import Answer, AnswerError, Policy
-from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
+from orchestrator.engine.hitl import Policy
+from orchestrator.engine.process import EngineProcess
 from sessions import selectors, services
 from sessions.groups import WORKER_CHANNEL
 from sessions.models import Event, Run, Session
 
 logger = logging.getLogger(__name__)
 
+STOP_POLL_SECONDS = 0.5  # how often a running run checks for Cancel or Suspend
 TAIL_KINDS = {EventKind.TASK, EventKind.MESSAGE, EventKind.HANDOFF, EventKind.TOOL_CALL, EventKind.TOOL_RESULT}
 
 
@@ -97,86 +99,133 @@ class RunWorker:
             self.active[run.pk] = task
             task.add_done_callback(lambda _t, pk=run.pk: self.active.pop(pk, None))
 
-    async def _heartbeat(self, run_id: int) -> None:
+    async def _watch(self, run_id: int, child: EngineProcess, stop: dict[str, str]) -> None:
+        """Keep the lease, and end the child at once when a person asks to stop the run."""
+        beat_every = self.lease_seconds / 3
+        since_beat = 0.0
         while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            held = await database_sync_to_async(services.run_heartbeat)(
-                run_id=run_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
-            )
-            if not held:
-                logger.warning("worker %s lost the lease of run %s", self.worker_id, run_id)
+            await asyncio.sleep(STOP_POLL_SECONDS)
+            since_beat += STOP_POLL_SECONDS
+            try:
+                request = await database_sync_to_async(services.run_stop_request)(run_id)
+                if since_beat >= beat_every:
+                    since_beat = 0.0
+                    held = await database_sync_to_async(services.run_heartbeat)(
+                        run_id=run_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
+                    )
+                    if not held:
+                        logger.warning("worker %s lost the lease of run %s; ending its process", self.worker_id, run_id)
+                        stop["lost"] = "lease"
+                        child.kill()
+                        return
+            except Exception:  # noqa: BLE001 - the database may be restarting; the lease has slack
+                logger.warning("worker %s could not check run %s", self.worker_id, run_id, exc_info=True)
+                continue
+            if request:
+                stop["request"] = request
+                child.kill()
                 return
 
     async def execute(self, run: Run, *, observer: Callable[[Event], None] | None = None) -> None:
-        """Run the engine for ``run`` and persist every event it yields.
+        """Run the engine for ``run`` in a child process and persist every event it yields.
 
         ``observer``, if given, sees each Event row after it is committed.
         """
         session = await _load_session(run.session_id)
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(run.pk))
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
         append = database_sync_to_async(services.event_append)
         status, detail = Run.Status.FAILED, ""
-        stopped = False
+        stop: dict[str, str] = {}
+        child: EngineProcess | None = None
+        watch: asyncio.Task[None] | None = None
         try:
-            model = ModelConfig.from_env(provider=session.model_provider)
-            engine = SwarmOrchestrator(
-                task=session.task,
-                mode=session.mode,
-                work_dir=Path(settings.RUNS_DIR) / str(session.pk),
-                model=model,
-                max_turns=session.config.get("max_turns"),
-                auto_continue=int(session.config.get("auto_continue", 0)),
-                policy=Policy.for_session(session.mode, session.config),
-            )
-            await check_reachable(model)
             # A continued or taken-over run goes on from the log: nothing repeated.
             history = await database_sync_to_async(selectors.engine_history)(session.pk)
-            # A run queued with a person's answer starts by applying it.
-            events = engine.resume(history, Answer.from_dict(run.answer)) if run.answer else engine.run(history)
-            async for event, checkpoint in events:
-                if event.kind in TAIL_KINDS:
-                    tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
-                row = await append(
-                    session_id=session.pk,
-                    run_id=run.pk,
-                    event=event,
-                    checkpoint=checkpoint,
-                    conversation_tail=list(tail),
-                )
-                if observer is not None:
-                    observer(row)
-            outcome = engine.outcome
-            if outcome is None:
-                detail = "The team stopped without saying why."
-            elif outcome.status == "completed":
+            spec = {
+                "task": session.task,
+                "mode": session.mode,
+                "work_dir": str(Path(settings.RUNS_DIR) / str(session.pk)),
+                "provider": session.model_provider,
+                "max_turns": session.config.get("max_turns"),
+                "auto_continue": int(session.config.get("auto_continue", 0)),
+                "policy": dataclasses.asdict(Policy.for_session(session.mode, session.config)),
+                "history": [event.to_dict() for event in history],
+                "answer": run.answer,
+                "memory_limit_mb": settings.RUN_MEMORY_LIMIT_MB,
+            }
+            child = await EngineProcess.spawn(spec)
+            watch = asyncio.get_running_loop().create_task(self._watch(run.pk, child, stop))
+            outcome: dict | None = None
+            fatal: dict | None = None
+            async for message in child.messages():
+                if message["type"] == "event":
+                    event = EngineEvent.from_dict(message["event"])
+                    if event.kind in TAIL_KINDS:
+                        tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
+                    row = await append(
+                        session_id=session.pk,
+                        run_id=run.pk,
+                        event=event,
+                        checkpoint=message["checkpoint"],
+                        conversation_tail=list(tail),
+                        worker_id=self.worker_id,
+                    )
+                    if observer is not None:
+                        observer(row)
+                elif message["type"] == "outcome":
+                    outcome = message
+                elif message["type"] == "fatal":
+                    fatal = message
+            code = await child.wait()
+            if stop.get("request"):
+                status = stop["request"]
+                detail = "Cancelled as asked." if status == Run.Status.CANCELLED else "Suspended as asked; Resume goes on from here."
+            elif stop.get("lost"):
+                return  # another worker holds the run now
+            elif fatal is not None:
+                detail = fatal["detail"]
+                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=self.worker_id)
+            elif outcome is None:
+                detail = f"The run's process ended unexpectedly: {child.describe_exit(code)}. Retry goes on from the last saved event."
+                logger.warning("run %s: %s", run.pk, detail)
+                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=self.worker_id)
+            elif outcome["status"] == "completed":
                 status, detail = Run.Status.COMPLETED, "The team finished the task."
-            elif outcome.status == "paused":
-                status, detail = Run.Status.PAUSED, f"The round budget is spent ({outcome.reason}); Continue gives a fresh one."
-            elif outcome.status == "waiting":
+            elif outcome["status"] == "paused":
+                status, detail = Run.Status.PAUSED, f"The round budget is spent ({outcome['reason']}); Continue gives a fresh one."
+            elif outcome["status"] == "waiting":
                 status = Run.Status.WAITING_APPROVAL
-                detail = f"Waiting for a person to answer the {outcome.reason.replace('_', ' ')} request."
-            elif outcome.status == "cancelled":
-                status, detail = Run.Status.CANCELLED, f"The run was {outcome.reason}."
+                detail = f"Waiting for a person to answer the {outcome['reason'].replace('_', ' ')} request."
+            elif outcome["status"] == "cancelled":
+                status, detail = Run.Status.CANCELLED, f"The run was {outcome['reason']}."
             else:
-                detail = outcome.reason
+                detail = outcome["reason"]
         except asyncio.CancelledError:
-            stopped = True
+            # This worker is shutting down: hand the run back so another goes on from its log.
+            stop["lost"] = "shutdown"
+            if child is not None:
+                child.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    database_sync_to_async(services.run_release)(
+                        run_id=run.pk, worker_id=self.worker_id, detail="Its worker stopped; another worker will go on from here."
+                    )
+                )
             raise
-        except AnswerError as exc:
-            # Checked when it was recorded, so the log changed since: say so, and change nothing else.
-            detail = f"The answer no longer fits the session: {exc}"
-            await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail))
-        except ModelConfigError as exc:
-            logger.warning("run %s cannot start: %s", run.pk, exc)
-            detail = str(exc)
-            await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail))
+        except services.LeaseLostError:
+            stop["lost"] = "lease"
+            logger.warning("worker %s: run %s was taken over; stopping its process", self.worker_id, run.pk)
         except Exception as exc:  # noqa: BLE001 - recorded as the run's failure, with its cause
             logger.exception("run %s failed", run.pk)
             detail = f"{type(exc).__name__}: {exc}"
         finally:
-            heartbeat.cancel()
-            if not stopped:
+            if watch is not None:
+                watch.cancel()
+            if child is not None and child.process.returncode is None:
+                child.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(child.wait())
+            if not stop.get("lost"):
                 await database_sync_to_async(services.run_finish)(
                     run_id=run.pk, worker_id=self.worker_id, status=status, detail=detail
                 )

@@ -17,6 +17,7 @@ class Status(models.TextChoices):
     RUNNING = "running", "Running"
     PAUSED = "paused", "Paused"
     WAITING_APPROVAL = "waiting_approval", "Waiting for approval"
+    SUSPENDED = "suspended", "Suspended"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
@@ -79,6 +80,10 @@ class Run(models.Model):
     error = models.TextField(blank=True)
     # A person's answer to the request the session waits on; the run starts by applying it.
     answer = models.JSONField(null=True, blank=True)
+    # Set by a person while the run is running; its worker ends it (cancelled or suspended).
+    stop_request = models.CharField(
+        max_length=20, blank=True, choices=[("cancelled", "Cancel"), ("suspended", "Suspend")]
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -34,6 +34,10 @@ HISTORY_TAIL = 50  # messages kept in SessionState.conversation_history
 
 class StateConflictError(RuntimeError):
     """The session state kept changing under us: the save was not applied."""
+
+
+class LeaseLostError(RuntimeError):
+    """The worker writing a run's events no longer holds its lease: another worker does."""
 
 
 class SessionError(ValueError):
@@ -166,13 +170,18 @@ def _status_event(status: str, detail: str = "") -> EngineEvent:
     return EngineEvent(EventKind.STATUS, content=detail, data={"status": status})
 
 
-def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent) -> Event:
+def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, worker_id: str = "") -> Event:
     """Allocate the next seq under the session row's lock and write the event.
 
     Must run inside a transaction. Applies the event's effect on the session
-    (status, token totals) in the same transaction.
+    (status, token totals) in the same transaction. With ``worker_id``, the
+    write is fenced: it fails with :class:`LeaseLostError` unless that worker
+    still holds the run's lease, so a worker presumed dead cannot add to a
+    log another worker has taken over.
     """
     session = Session.objects.select_for_update().only("pk", "last_seq").get(pk=session_id)
+    if worker_id and not Run.objects.filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING).exists():
+        raise LeaseLostError(f"Worker {worker_id} no longer holds run {run_id}.")
     seq = session.last_seq + 1
     changes: dict[str, Any] = {"last_seq": seq, "updated_at": timezone.now()}
     if event.kind == EventKind.STATUS:
@@ -206,10 +215,11 @@ def event_append(
     event: EngineEvent,
     checkpoint: dict[str, Any] | None = None,
     conversation_tail: Sequence[dict[str, Any]] | None = None,
+    worker_id: str = "",
 ) -> Event:
-    """Write one engine event and, with it, the state checkpoint: one transaction."""
+    """Write one engine event and, with it, the state checkpoint: one transaction (fenced by ``worker_id``)."""
     with transaction.atomic():
-        row = _append(session_id, run_id=run_id, event=event)
+        row = _append(session_id, run_id=run_id, event=event, worker_id=worker_id)
         if checkpoint is not None:
             save_session_state(
                 session_id,
@@ -223,20 +233,113 @@ def event_append(
     return row
 
 
+def _locked_session(session_id: UUID | str, user) -> Session:
+    session = Session.objects.select_for_update().filter(pk=session_id, owner=user).first()
+    if session is None:
+        raise SessionError("No such session.")
+    return session
+
+
+def _check_resumable(session: Session) -> None:
+    """Raise SessionError, with the cause, if the session cannot go on from its saved state."""
+    from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
+    from sessions import selectors
+
+    state = SessionState.objects.filter(session=session).first()
+    if state is None:
+        raise SessionError("The saved state of this session is missing; it cannot be resumed.")
+    if not isinstance(state.engine_state, dict) or not isinstance(state.plan, list) or not isinstance(state.context_variables, dict):
+        raise SessionError("The saved state of this session is unreadable (it is not the shape the engine writes).")
+    try:
+        selectors.engine_history(session.pk)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SessionError(f"The event log of this session is unreadable: {exc}") from exc
+    try:
+        model = ModelConfig.from_env(provider=session.model_provider)
+        async_to_sync(check_reachable)(model)
+    except ModelConfigError as exc:
+        raise SessionError(f"The model cannot be used: {exc}") from exc
+
+
+def _queue_next(session: Session, detail: str, **fields: Any) -> Run:
+    run = Run.objects.create(session=session, number=session.runs.count() + 1, **fields)
+    _append(session.pk, run_id=run.pk, event=_status_event("queued", detail))
+    worker_wake()
+    return run
+
+
 def session_continue(*, session_id: UUID | str, user) -> Run:
     """Queue the next run of a paused session: same state, a fresh round budget."""
     with transaction.atomic():
-        session = Session.objects.select_for_update().filter(pk=session_id, owner=user).first()
-        if session is None:
-            raise SessionError("No such session.")
+        session = _locked_session(session_id, user)
         if session.status != Session.Status.PAUSED:
             raise SessionError(f"Only a paused session can be continued; this one is {session.get_status_display().lower()}.")
-        number = session.runs.count() + 1
-        run = Run.objects.create(session=session, number=number)
-        _append(session.pk, run_id=run.pk, event=_status_event("queued", "Continuing with a fresh round budget."))
-        worker_wake()
-    logger.info("session %s continued by user %s (run %d)", session.pk, user.pk, number)
+        _check_resumable(session)
+        run = _queue_next(session, "Continuing with a fresh round budget.")
+    logger.info("session %s continued by user %s (run %d)", session.pk, user.pk, run.number)
     return run
+
+
+def session_resume(*, session_id: UUID | str, user) -> Run:
+    """Queue a suspended session's next run; it goes on from the saved state, not from the start."""
+    with transaction.atomic():
+        session = _locked_session(session_id, user)
+        if session.status != Session.Status.SUSPENDED:
+            raise SessionError(f"Only a suspended session can be resumed; this one is {session.get_status_display().lower()}.")
+        _check_resumable(session)
+        run = _queue_next(session, "Resuming from the saved state.")
+    logger.info("session %s resumed by user %s (run %d)", session.pk, user.pk, run.number)
+    return run
+
+
+def session_retry(*, session_id: UUID | str, user) -> Run:
+    """Queue a failed session's next run, from its last saved event."""
+    with transaction.atomic():
+        session = _locked_session(session_id, user)
+        if session.status != Session.Status.FAILED:
+            raise SessionError(f"Only a failed session can be retried; this one is {session.get_status_display().lower()}.")
+        _check_resumable(session)
+        run = _queue_next(session, "Retrying from the last saved event.")
+    logger.info("session %s retried by user %s (run %d)", session.pk, user.pk, run.number)
+    return run
+
+
+def _stop(session_id: UUID | str, user, outcome: str) -> Session:
+    """Cancel or suspend: a running run is stopped by its worker; anything else at once."""
+    verb = "cancelled" if outcome == Run.Status.CANCELLED else "suspended"
+    stoppable = {
+        Run.Status.CANCELLED: {
+            Session.Status.QUEUED, Session.Status.RUNNING, Session.Status.PAUSED,
+            Session.Status.WAITING_APPROVAL, Session.Status.SUSPENDED, Session.Status.FAILED,
+        },
+        Run.Status.SUSPENDED: {Session.Status.QUEUED, Session.Status.RUNNING},
+    }[outcome]
+    with transaction.atomic():
+        session = _locked_session(session_id, user)
+        if session.status not in stoppable:
+            raise SessionError(f"A {session.get_status_display().lower()} session cannot be {verb}.")
+        run = session.runs.select_for_update().order_by("-number").first()
+        if run is not None and run.status == Run.Status.RUNNING:
+            # Its worker polls for this and ends the run's process within a second.
+            run.stop_request = outcome
+            run.save(update_fields=["stop_request"])
+        else:
+            if run is not None and run.status == Run.Status.QUEUED:
+                run.status = outcome
+                run.finished_at = timezone.now() if outcome == Run.Status.CANCELLED else None
+                run.save(update_fields=["status", "finished_at"])
+            by = user.get_username()
+            _append(session.pk, run_id=run.pk if run else None, event=_status_event(outcome, f"{verb.capitalize()} by {by}."))
+    logger.info("session %s: user %s asked for %s", session.pk, user.pk, outcome)
+    return session
+
+
+def session_cancel(*, session_id: UUID | str, user) -> Session:
+    return _stop(session_id, user, Run.Status.CANCELLED)
+
+
+def session_suspend(*, session_id: UUID | str, user) -> Session:
+    return _stop(session_id, user, Run.Status.SUSPENDED)
 
 
 def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer) -> Run:
@@ -262,10 +365,8 @@ def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer) -> Run:
         except hitl.AnswerError as exc:
             raise SessionError(str(exc)) from exc
         checked = hitl.Answer(checked.decision, checked.feedback, checked.edits, by=answer.by or user.get_username())
-        run = Run.objects.create(session=session, number=session.runs.count() + 1, answer=checked.to_dict())
         label = hitl.OPTION_LABELS.get(checked.decision, checked.decision)
-        _append(session.pk, run_id=run.pk, event=_status_event("queued", f"{label}: answer recorded; the team goes on."))
-        worker_wake()
+        run = _queue_next(session, f"{label}: answer recorded; the team goes on.", answer=checked.to_dict())
     logger.info("session %s: user %s answered %s with %s", session.pk, user.pk, request.data.get("request"), checked.decision)
     return run
 
@@ -285,6 +386,13 @@ def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None) 
         run = claimable.order_by("created_at").first()
         if run is None:
             return None
+        if run.stop_request:
+            # Its worker died after a person asked it to stop: honour the request, do not run it again.
+            run.status, run.lease_owner, run.lease_expires_at = run.stop_request, "", None
+            run.finished_at = now if run.status == Run.Status.CANCELLED else None
+            run.save(update_fields=["status", "lease_owner", "lease_expires_at", "finished_at"])
+            _append(run.session_id, run_id=run.pk, event=_status_event(run.status, "Stopped as asked; its worker had gone."))
+            return run_claim(worker_id=worker_id, lease_seconds=lease_seconds, run_id=run_id) if run_id is None else None
         resumed = run.status == Run.Status.RUNNING
         run.status = Run.Status.RUNNING
         run.lease_owner = worker_id
@@ -296,6 +404,43 @@ def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None) 
         _append(run.session_id, run_id=run.pk, event=_status_event("running", detail))
     logger.info("worker %s claimed run %s of session %s", worker_id, run.pk, run.session_id)
     return run
+
+
+def run_stop_request(run_id: int) -> str:
+    """What a person asked of a running run: "", "cancelled" or "suspended"."""
+    return Run.objects.filter(pk=run_id).values_list("stop_request", flat=True).first() or ""
+
+
+def run_release(*, run_id: int, worker_id: str, detail: str) -> bool:
+    """Give a run back to the queue (its worker is shutting down); another worker goes on from its log."""
+    with transaction.atomic():
+        run = Run.objects.select_for_update().filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING).first()
+        if run is None:
+            return False
+        run.status, run.lease_owner, run.lease_expires_at = Run.Status.QUEUED, "", None
+        run.save(update_fields=["status", "lease_owner", "lease_expires_at"])
+        _append(run.session_id, run_id=run.pk, event=_status_event("queued", detail))
+    worker_wake()
+    return True
+
+
+def run_reclaim_orphans(*, host: str, alive: Callable[[int], bool]) -> int:
+    """Expire the leases of runs held by dead worker processes on ``host``, so they are claimed now.
+
+    Worker ids are ``host:pid:nonce``; on the same host a missing pid means the
+    worker is gone for sure, and its runs need not wait for the lease to run out.
+    """
+    orphans = []
+    for pk, owner in Run.objects.filter(status=Run.Status.RUNNING, lease_owner__startswith=f"{host}:").values_list("pk", "lease_owner"):
+        try:
+            pid = int(owner.split(":")[1])
+        except (IndexError, ValueError):
+            continue
+        if not alive(pid):
+            orphans.append(pk)
+    if orphans:
+        Run.objects.filter(pk__in=orphans, status=Run.Status.RUNNING).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    return len(orphans)
 
 
 def run_heartbeat(*, run_id: int, worker_id: str, lease_seconds: int) -> bool:
@@ -317,11 +462,12 @@ def run_finish(*, run_id: int, worker_id: str, status: str, detail: str = "") ->
         if run.lease_owner != worker_id:
             raise SessionError(f"Run {run_id} is held by {run.lease_owner or 'nobody'}, not {worker_id}.")
         run.status = status
+        run.stop_request = ""
         run.error = detail if status == Run.Status.FAILED else ""
         run.finished_at = timezone.now() if status in Run.TERMINAL else None
         run.lease_owner = ""
         run.lease_expires_at = None
-        run.save(update_fields=["status", "error", "finished_at", "lease_owner", "lease_expires_at"])
+        run.save(update_fields=["status", "stop_request", "error", "finished_at", "lease_owner", "lease_expires_at"])
         _append(run.session_id, run_id=run.pk, event=_status_event(status, detail))
     logger.info("run %s finished: %s %s", run_id, status, detail)
     return run

@@ -10,8 +10,6 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from cmbagent_site.asgi import application
-from orchestrator import worker as worker_module
-from orchestrator.engine import SwarmOrchestrator
 from orchestrator.worker import RunWorker
 from sessions import services
 from sessions.models import Event, Run, Session, SessionState
@@ -104,29 +102,20 @@ async def test_closing_the_socket_does_not_stop_the_run(alice):
 
 
 async def test_model_failure_fails_the_run_with_its_cause(alice, monkeypatch):
-    """A model that raises ends the run as failed, with an error event naming the cause."""
+    """A model endpoint answering 500 mid-run ends the run as failed, with an error event naming the cause."""
+    from tests.engine.fake_openai import FakeOpenAI
 
-    class BrokenModel:
-        def __init__(self, agent: str) -> None:
-            from orchestrator.engine.offline import OfflineChatCompletionClient
-
-            self._inner = OfflineChatCompletionClient(agent)
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-        async def create(self, *args, **kwargs):
-            raise ConnectionError("model endpoint unreachable")
-
-    def engine(**kwargs):
-        return SwarmOrchestrator(client_for=BrokenModel, **kwargs)
-
-    monkeypatch.setattr(worker_module, "SwarmOrchestrator", engine)
-    session = await _start(alice, mode="one_shot")
-    await _run_once(RunWorker(worker_id="w-broken"))
+    with FakeOpenAI([{"status": 500}]) as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.setenv("CMBAGENT_MODEL", "fake-model")
+        session = await database_sync_to_async(services.session_start)(
+            owner=alice, task="Plot a damped cosine", mode="one_shot", model_provider="openai"
+        )
+        await _run_once(RunWorker(worker_id="w-broken"))
     session, run, _ = await _reload(session)
     assert (session.status, run.status) == ("failed", "failed")
-    assert "model endpoint unreachable" in run.error
+    assert "500" in run.error and fake.requests
     kinds = [kind for _, kind, _ in await _log(session)]
     assert "error" in kinds and kinds[-1] == "status"
 
