@@ -64,6 +64,8 @@ class RunWorker:
         self.poll_interval = poll_interval
         # What this process is doing right now; dropped as each run ends.
         self.active: dict[int, asyncio.Task[None]] = {}
+        # The child process of each active run (run id → process), for logs and tests.
+        self.children: dict[int, EngineProcess] = {}
 
     async def serve(self) -> None:
         """Claim and run work until cancelled."""
@@ -154,6 +156,7 @@ class RunWorker:
                 "memory_limit_mb": settings.RUN_MEMORY_LIMIT_MB,
             }
             child = await EngineProcess.spawn(spec)
+            self.children[run.pk] = child
             watch = asyncio.get_running_loop().create_task(self._watch(run.pk, child, stop))
             outcome: dict | None = None
             fatal: dict | None = None
@@ -219,6 +222,7 @@ class RunWorker:
             logger.exception("run %s failed", run.pk)
             detail = f"{type(exc).__name__}: {exc}"
         finally:
+            self.children.pop(run.pk, None)
             if watch is not None:
                 watch.cancel()
             if child is not None and child.process.returncode is None:

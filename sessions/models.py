@@ -23,6 +23,15 @@ class Status(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+ACTION_TEXT = {
+    "continue": ("Continue", "The round budget is spent; continue with a fresh one", True),
+    "suspend": ("Suspend", "Stop the run now, keeping its state; Resume goes on from here", False),
+    "resume": ("Resume", "Go on from the saved state", True),
+    "retry": ("Retry", "Run again from the last saved event", True),
+    "cancel": ("Cancel", "End the session for good", False),
+}
+
+
 class Session(models.Model):
     # The engine's modes, one place: adding a mode there offers it here.
     Mode = models.TextChoices("Mode", [(mode.name, (mode.value, mode.label)) for mode in EngineMode])
@@ -54,6 +63,20 @@ class Session(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("sessions:detail", kwargs={"session_id": self.id})
+
+    @property
+    def actions(self) -> list[tuple[str, str, str, bool]]:
+        """The lifecycle controls that apply now: (action, label, hint, primary)."""
+        S = self.Status
+        offered = {
+            S.QUEUED: ["suspend", "cancel"],
+            S.RUNNING: ["suspend", "cancel"],
+            S.PAUSED: ["continue", "cancel"],
+            S.WAITING_APPROVAL: ["cancel"],
+            S.SUSPENDED: ["resume", "cancel"],
+            S.FAILED: ["retry", "cancel"],
+        }.get(self.status, [])
+        return [(action, *ACTION_TEXT[action]) for action in offered]
 
     @property
     def is_live(self) -> bool:

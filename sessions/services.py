@@ -242,7 +242,7 @@ def _locked_session(session_id: UUID | str, user) -> Session:
 
 def _check_resumable(session: Session) -> None:
     """Raise SessionError, with the cause, if the session cannot go on from its saved state."""
-    from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable
+    from orchestrator.engine.models import ModelConfig, ModelConfigError, check_reachable, client_factory
     from sessions import selectors
 
     state = SessionState.objects.filter(session=session).first()
@@ -256,6 +256,7 @@ def _check_resumable(session: Session) -> None:
         raise SessionError(f"The event log of this session is unreadable: {exc}") from exc
     try:
         model = ModelConfig.from_env(provider=session.model_provider)
+        client_factory(model)  # a missing key or a bad override fails here, before the network
         async_to_sync(check_reachable)(model)
     except ModelConfigError as exc:
         raise SessionError(f"The model cannot be used: {exc}") from exc

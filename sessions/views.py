@@ -95,15 +95,27 @@ def session_usage(request: HttpRequest, session_id: UUID) -> HttpResponse:
     return render(request, "sessions/usage.html", {"session": session, "rows": selectors.usage_by_agent(session.pk)})
 
 
+# The controls of a session's lifecycle: each a POST, each a service call.
+ACTIONS = {
+    "continue": services.session_continue,
+    "suspend": services.session_suspend,
+    "resume": services.session_resume,
+    "retry": services.session_retry,
+    "cancel": services.session_cancel,
+}
+
+
 @require_POST
 @login_required
-def session_continue(request: HttpRequest, session_id: UUID) -> HttpResponse:
-    """Continue a paused session with a fresh round budget."""
+def session_action(request: HttpRequest, session_id: UUID, action: str) -> HttpResponse:
+    """Continue, Suspend, Resume, Retry or Cancel; a refusal says why and changes nothing."""
+    if action not in ACTIONS:
+        raise Http404("No such action.")
     _owned_session(request, session_id)
     try:
-        services.session_continue(session_id=session_id, user=request.user)
+        ACTIONS[action](session_id=session_id, user=request.user)
     except services.SessionError as exc:
-        logger.info("continue refused for session %s: %s", session_id, exc)
+        logger.info("%s refused for session %s: %s", action, session_id, exc)
         if request.htmx:
             return render(request, "sessions/action_error.html", {"message": str(exc)})
         messages.error(request, str(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ctypes
 import logging
 import os
 import resource
@@ -57,6 +58,7 @@ class ExecutionResult:
 UNPRIVILEGED_ID = 65534  # "nobody": agent code never runs as root
 MAX_PROCESSES = 64
 MAX_FILE_BYTES = 256 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
 
 
 def _limit_child(memory_bytes: int, cpu_seconds: int, drop_to: int | None) -> None:
@@ -75,6 +77,9 @@ def _limit_child(memory_bytes: int, cpu_seconds: int, drop_to: int | None) -> No
         os.setgid(drop_to)
         os.setuid(drop_to)
     resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCESSES, MAX_PROCESSES))
+    # Last, as a change of user clears it: die with the run's process, so that
+    # cancelling or killing a run never leaves its code running on.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _runs_as(uid: int, interpreter: str) -> bool:

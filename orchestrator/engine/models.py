@@ -35,6 +35,16 @@ class ModelConfigError(ValueError):
     """The model settings cannot work; the message says what to fix."""
 
 
+def _latency(raw: str) -> float:
+    try:
+        value = float(raw or 0)
+    except ValueError as exc:
+        raise ModelConfigError(f"CMBAGENT_OFFLINE_LATENCY must be a number of seconds, not {raw!r}.") from exc
+    if not 0 <= value <= 60:
+        raise ModelConfigError("CMBAGENT_OFFLINE_LATENCY must be between 0 and 60 seconds.")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     provider: str = "offline"
@@ -44,6 +54,7 @@ class ModelConfig:
     timeout: float = 60.0
     stream: bool = True
     replay_script: str = ""  # path of a JSON file: {"agent": [reply, ...], ...}
+    offline_latency: float = 0.0  # seconds the offline model takes per reply (demos, load tests)
     # Per-agent overrides of any field above, e.g. {"engineer": {"model": "qwen2.5-coder"}}.
     agents: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # USD per million tokens by model name: {"gpt-4o-mini": [input, output]}.
@@ -65,6 +76,7 @@ class ModelConfig:
             api_key=env.get("OPENAI_API_KEY", ""),
             timeout=float(env.get("CMBAGENT_MODEL_TIMEOUT", "60")),
             replay_script=env.get("CMBAGENT_REPLAY_SCRIPT", ""),
+            offline_latency=_latency(env.get("CMBAGENT_OFFLINE_LATENCY", "")),
             agents=agent_overrides,
             prices=prices,
         )
@@ -147,7 +159,7 @@ def client_factory(config: ModelConfig) -> Callable[[str], ChatCompletionClient]
     def build(agent: str) -> ChatCompletionClient:
         chosen = config.for_agent(agent)
         if chosen.provider == "offline":
-            return OfflineChatCompletionClient(agent)
+            return OfflineChatCompletionClient(agent, latency=chosen.offline_latency)
         if chosen.provider == "replay":
             from autogen_ext.models.replay import ReplayChatCompletionClient
 

@@ -12,6 +12,7 @@ a CSV file and a PNG plot, execution reports, summaries and termination.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -143,8 +144,9 @@ def code_for(task: str, step: int) -> str:
 class OfflineChatCompletionClient(ChatCompletionClient):
     """A deterministic model for one agent of the team."""
 
-    def __init__(self, agent: str) -> None:
+    def __init__(self, agent: str, *, latency: float = 0.0) -> None:
         self.agent = agent
+        self.latency = latency  # seconds per reply, to look like a remote model in demos and load tests
         self._last_usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
         self._total_usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
 
@@ -160,6 +162,8 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult:
+        if self.latency:
+            await asyncio.sleep(self.latency)
         tool_names = {t.name if isinstance(t, Tool) else t["name"] for t in tools}
         thought, content = self._reply(list(messages), tool_names)
         prompt_tokens = self.count_tokens(messages)

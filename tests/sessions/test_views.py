@@ -1,6 +1,8 @@
 """Pages: who sees what, and how bad input is answered."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -200,3 +202,42 @@ def test_usage_by_agent_sums_tokens_and_cost(alice_client, alice, bob, client):
     assert "<th>Total</th><th>160</th><th>3</th><th>$0.75000</th>" in body
     client.force_login(bob)
     assert client.get(reverse("sessions:usage", args=[session.pk])).status_code == 404
+
+
+class TestLifecycleControls:
+    @pytest.mark.parametrize(
+        "status, offered",
+        [
+            ("queued", ["suspend", "cancel"]),
+            ("running", ["suspend", "cancel"]),
+            ("paused", ["continue", "cancel"]),
+            ("waiting_approval", ["cancel"]),
+            ("suspended", ["resume", "cancel"]),
+            ("failed", ["retry", "cancel"]),
+            ("completed", []),
+            ("cancelled", []),
+        ],
+    )
+    def test_page_offers_the_controls_that_apply(self, alice_client, alice, status, offered):
+        session = services.session_start(owner=alice, task="t", mode="one_shot")
+        Session.objects.filter(pk=session.pk).update(status=status)
+        html = alice_client.get(session.get_absolute_url()).content.decode()
+        assert re.findall(r'data-action="(\w+)"', html) == offered
+
+    def test_suspend_resume_cancel_through_the_views(self, alice_client, alice):
+        session = services.session_start(owner=alice, task="t", mode="one_shot")
+        for action, status in [("suspend", "suspended"), ("resume", "queued"), ("cancel", "cancelled")]:
+            response = alice_client.post(reverse("sessions:action", args=[session.pk, action]), HTTP_HX_REQUEST="true")
+            assert response.status_code == 204, response.content
+            session.refresh_from_db()
+            assert session.status == status
+
+    def test_refusals_are_explained_and_unknown_actions_are_404(self, alice_client, alice, bob, client):
+        session = services.session_start(owner=alice, task="t", mode="one_shot")
+        response = alice_client.post(reverse("sessions:action", args=[session.pk, "retry"]), HTTP_HX_REQUEST="true")
+        assert "Only a failed session can be retried; this one is queued." in response.content.decode()
+        assert alice_client.post(reverse("sessions:action", args=[session.pk, "explode"])).status_code == 404
+        client.force_login(bob)
+        assert client.post(reverse("sessions:action", args=[session.pk, "cancel"])).status_code == 404
+        session.refresh_from_db()
+        assert session.status == "queued"
