@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test test-fast bench venv clean
+.PHONY: run test test-fast bench cluster venv clean
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -13,6 +13,10 @@ test:
 # The default tier only (SQLite, in-memory layer, browser if Chromium is there).
 test-fast: venv
 	@.venv/bin/python -m pytest -q -m "not browser"
+
+# Two servers and two workers on PostgreSQL + Redis (DATABASE_URL, REDIS_URL).
+cluster:
+	@bash scripts/cluster.sh
 
 bench: venv
 	@.venv/bin/python bench/engine_overhead.py

@@ -9,14 +9,18 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cmbagent_site.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402 - needs Django set up
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from cmbagent_site.origin import OriginValidator  # noqa: E402
+from orchestrator.consumers import WorkerConsumer  # noqa: E402
+from sessions.groups import WORKER_CHANNEL  # noqa: E402
 from sessions.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": OriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # Scaled out, `manage.py runworker orchestrator` hands this channel's messages to the worker.
+        "channel": ChannelNameRouter({WORKER_CHANNEL: WorkerConsumer.as_asgi()}),
     }
 )

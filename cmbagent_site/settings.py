@@ -51,6 +51,7 @@ CSRF_TRUSTED_ORIGINS = [o.strip() for o in os.environ.get("CSRF_TRUSTED_ORIGINS"
 
 INSTALLED_APPS = [
     "daphne",
+    "orchestrator",  # before channels: its runworker also starts the run worker
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -62,7 +63,6 @@ INSTALLED_APPS = [
     "template_partials",
     "sessions.apps.AgentSessionsConfig",
     "approvals",
-    "orchestrator",
 ]
 
 MIDDLEWARE = [

@@ -34,12 +34,31 @@ from sessions.models import Event, Run, Session
 
 logger = logging.getLogger(__name__)
 
+SCHEMA_RETRY_SECONDS = 5
 STOP_POLL_SECONDS = 0.5  # how often a running run checks for Cancel or Suspend
 TAIL_KINDS = {EventKind.TASK, EventKind.MESSAGE, EventKind.HANDOFF, EventKind.TOOL_CALL, EventKind.TOOL_RESULT}
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unapplied_migrations() -> list:
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    return executor.migration_plan(executor.loader.graph.leaf_nodes())
 
 
 @database_sync_to_async
@@ -66,25 +85,76 @@ class RunWorker:
         self.active: dict[int, asyncio.Task[None]] = {}
         # The child process of each active run (run id → process), for logs and tests.
         self.children: dict[int, EngineProcess] = {}
+        self._wake = asyncio.Event()
 
-    async def serve(self) -> None:
-        """Claim and run work until cancelled."""
-        layer = get_channel_layer()
+    # The worker serving in this process, woken by the orchestrator channel's consumer.
+    in_this_process: RunWorker | None = None
+
+    def wake(self) -> None:
+        """Look for work now rather than at the next poll."""
+        self._wake.set()
+
+    async def serve(self, *, listen: bool = True) -> None:
+        """Claim and run work until cancelled.
+
+        With ``listen``, this worker reads the ``orchestrator`` channel itself
+        (the embedded default); under ``runworker`` the Channels worker reads it
+        and its consumer calls :meth:`wake`. Polling goes on either way, so a
+        channel-layer outage only slows pickup down.
+        """
+        RunWorker.in_this_process = self
+        await self._wait_for_schema()
         logger.info("worker %s serving (up to %d runs)", self.worker_id, self.max_runs)
+        listener = asyncio.get_running_loop().create_task(self._listen()) if listen else None
+        try:
+            while True:
+                await self._reclaim_orphans()
+                await self.claim_available()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+                self._wake.clear()
+        finally:
+            if listener is not None:
+                listener.cancel()
+            if RunWorker.in_this_process is self:
+                RunWorker.in_this_process = None
+
+    async def _listen(self) -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            return
         while True:
-            await self.claim_available()
             try:
-                if layer is None:
-                    await asyncio.sleep(self.poll_interval)
-                else:
-                    await asyncio.wait_for(layer.receive(WORKER_CHANNEL), timeout=self.poll_interval)
-            except TimeoutError:
-                pass
+                await layer.receive(WORKER_CHANNEL)
+                self.wake()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a channel-layer outage must not stop the worker; polling goes on
                 logger.warning("worker %s could not read its channel; polling", self.worker_id, exc_info=True)
                 await asyncio.sleep(self.poll_interval)
+
+    async def _wait_for_schema(self) -> None:
+        """Wait, saying why, until the database is reachable and migrated."""
+        while True:
+            try:
+                pending = await database_sync_to_async(_unapplied_migrations)()
+            except Exception as exc:  # noqa: BLE001 - unreachable database: say so and wait
+                problem = f"the database cannot be reached ({type(exc).__name__}: {exc})"
+            else:
+                if not pending:
+                    return
+                problem = f"the database is not migrated ({len(pending)} migrations pending; run `manage.py migrate`)"
+            logger.error("worker %s cannot start: %s; trying again in %ss", self.worker_id, problem, SCHEMA_RETRY_SECONDS)
+            await asyncio.sleep(SCHEMA_RETRY_SECONDS)
+
+    async def _reclaim_orphans(self) -> None:
+        try:
+            found = await database_sync_to_async(services.run_reclaim_orphans)(host=socket.gethostname(), alive=_pid_alive)
+        except Exception:  # noqa: BLE001 - the database may be restarting; next poll
+            logger.warning("worker %s could not look for orphaned runs", self.worker_id, exc_info=True)
+            return
+        if found:
+            logger.warning("worker %s: %d run(s) of a dead worker on this host will be taken over", self.worker_id, found)
 
     async def claim_available(self) -> None:
         while len(self.active) < self.max_runs:
@@ -99,7 +169,11 @@ class RunWorker:
                 return
             task = asyncio.get_running_loop().create_task(self.execute(run), name=f"run-{run.pk}")
             self.active[run.pk] = task
-            task.add_done_callback(lambda _t, pk=run.pk: self.active.pop(pk, None))
+            task.add_done_callback(lambda _t, pk=run.pk: self._ended(pk))
+
+    def _ended(self, run_id: int) -> None:
+        self.active.pop(run_id, None)
+        self.wake()  # room for another run
 
     async def _watch(self, run_id: int, child: EngineProcess, stop: dict[str, str]) -> None:
         """Keep the lease, and end the child at once when a person asks to stop the run."""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up and run every test tier this machine supports:
 #   1. SQLite + in-memory channel layer: engine, services, sockets, worker, browser;
-#   2. the same suite on PostgreSQL + Redis (DATABASE_URL / REDIS_URL).
+#   2. the same suite on PostgreSQL + Redis (DATABASE_URL / REDIS_URL), plus the
+#      system tier: clusters of real server and worker processes (tests/system).
 # With CI=true a missing PostgreSQL, Redis or Chromium is a failure, not a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,8 @@ REDIS=${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
 ci=${CI:-}
 
 echo "==> Tier 1: SQLite + in-memory channel layer"
-env -u DATABASE_URL -u REDIS_URL "$PY" -m pytest -q "$@"
+# The system tier (real server and worker processes) needs PostgreSQL + Redis: tier 2 runs it.
+env -u DATABASE_URL -u REDIS_URL "$PY" -m pytest -q --ignore=tests/system "$@"
 
 echo "==> Tier 2: PostgreSQL + Redis"
 if "$PY" - "$PG_URL" "$REDIS" <<'PYEOF'
