@@ -220,6 +220,10 @@ def event_append(
     """Write one engine event and, with it, the state checkpoint: one transaction (fenced by ``worker_id``)."""
     with transaction.atomic():
         row = _append(session_id, run_id=run_id, event=event, worker_id=worker_id)
+        if event.kind == EventKind.APPROVAL:
+            from approvals.services import record_request
+
+            record_request(row)
         if checkpoint is not None:
             save_session_state(
                 session_id,
@@ -331,6 +335,10 @@ def _stop(session_id: UUID | str, user, outcome: str) -> Session:
                 run.save(update_fields=["status", "finished_at"])
             by = user.get_username()
             _append(session.pk, run_id=run.pk if run else None, event=_status_event(outcome, f"{verb.capitalize()} by {by}."))
+            if outcome == Run.Status.CANCELLED:
+                from approvals.services import cancel_pending_of
+
+                cancel_pending_of(session.pk, reason=f"the session was cancelled by {by}")
     logger.info("session %s: user %s asked for %s", session.pk, user.pk, outcome)
     return session
 
@@ -343,33 +351,46 @@ def session_suspend(*, session_id: UUID | str, user) -> Session:
     return _stop(session_id, user, Run.Status.SUSPENDED)
 
 
-def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer) -> Run:
-    """Record a person's answer to the request the session waits on, and queue the run that applies it.
-
-    The answer is checked against the open request first (an unknown option,
-    a rejection without feedback, an empty edit): a bad one raises
-    :class:`SessionError` and nothing is written.
-    """
+def queue_answer(session_id: UUID | str, answer: hitl.Answer, *, request_id: str = "", door: str = "") -> Run:
+    """Queue the run that applies a decided answer (called by the approval service, in its transaction)."""
     from sessions import selectors  # selectors import models only; kept local to avoid a cycle at import
 
-    with transaction.atomic():
-        session = Session.objects.select_for_update().filter(pk=session_id, owner=user).first()
-        if session is None:
-            raise SessionError("No such session.")
-        if session.status != Session.Status.WAITING_APPROVAL:
-            raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
-        request = hitl.open_request(selectors.engine_history(session.pk))
-        if request is None:
-            raise SessionError("This session has no open request.")
-        try:
-            checked = hitl.validate(request, answer)
-        except hitl.AnswerError as exc:
-            raise SessionError(str(exc)) from exc
-        checked = hitl.Answer(checked.decision, checked.feedback, checked.edits, by=answer.by or user.get_username())
-        label = hitl.OPTION_LABELS.get(checked.decision, checked.decision)
-        run = _queue_next(session, f"{label}: answer recorded; the team goes on.", answer=checked.to_dict())
-    logger.info("session %s: user %s answered %s with %s", session.pk, user.pk, request.data.get("request"), checked.decision)
+    session = Session.objects.select_for_update().get(pk=session_id)
+    if session.status != Session.Status.WAITING_APPROVAL:
+        raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
+    request = hitl.open_request(selectors.engine_history(session.pk))
+    if request is None:
+        raise SessionError("This session has no open request.")
+    try:
+        checked = hitl.validate(request, answer)
+    except hitl.AnswerError as exc:
+        raise SessionError(str(exc)) from exc
+    checked = hitl.Answer(checked.decision, checked.feedback, checked.edits, by=answer.by)
+    label = hitl.OPTION_LABELS.get(checked.decision, checked.decision)
+    run = Run.objects.create(session=session, number=session.runs.count() + 1, answer=checked.to_dict())
+    detail = f"{label} ({answer.by}): the team goes on."
+    _append(session.pk, run_id=run.pk, event=EngineEvent(EventKind.STATUS, content=detail, data={"status": "queued", "decided": request_id, "door": door}))
+    worker_wake()
     return run
+
+
+def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer, door: str = "session_page") -> Run:
+    """The owner (or staff) answers the request the session waits on, through the approval service."""
+    from approvals import services as approvals
+    from approvals.models import ApprovalRequest
+
+    request = ApprovalRequest.objects.filter(session_id=session_id, status=ApprovalRequest.Status.PENDING).order_by("-event_seq").first()
+    if request is None:
+        if not Session.objects.filter(pk=session_id, owner=user).exists():
+            raise SessionError("No such session.")
+        raise SessionError("This session is not waiting for an answer.")
+    try:
+        approvals.decide(request.pk, user=user, decision=answer.decision, feedback=answer.feedback, edits=answer.edits, door=door)
+    except PermissionError as exc:
+        raise SessionError("No such session.") from exc
+    except approvals.ApprovalError as exc:
+        raise SessionError(str(exc)) from exc
+    return Run.objects.filter(session_id=session_id).latest("number")
 
 
 # --- runs -------------------------------------------------------------------

@@ -72,7 +72,7 @@ class Command(BaseCommand):
                     answer = self._answer(session, auto_approve)
                     if answer is None:
                         break
-                    services.session_answer(session_id=session.pk, user=owner, answer=answer)
+                    services.session_answer(session_id=session.pk, user=owner, answer=answer, door="terminal")
                 elif session.status == Session.Status.PAUSED and self._continue(auto_approve, continues):
                     continues += 1
                     services.session_continue(session_id=session.pk, user=owner)
