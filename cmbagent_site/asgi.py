@@ -14,12 +14,13 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from cmbagent_site.origin import OriginValidator  # noqa: E402
 from orchestrator.consumers import WorkerConsumer  # noqa: E402
 from sessions.groups import WORKER_CHANNEL  # noqa: E402
+from approvals.routing import websocket_urlpatterns as approval_sockets  # noqa: E402
 from sessions.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": OriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": OriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns + approval_sockets))),
         # Scaled out, `manage.py runworker orchestrator` hands this channel's messages to the worker.
         "channel": ChannelNameRouter({WORKER_CHANNEL: WorkerConsumer.as_asgi()}),
     }

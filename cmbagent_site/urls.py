@@ -10,6 +10,7 @@ from cmbagent_site import views
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="sessions:list", permanent=False)),
     path("sessions/", include("sessions.urls")),
+    path("approvals/", include("approvals.urls")),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("login/once/<str:uidb64>/<str:token>/", views.login_link, name="login-link"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

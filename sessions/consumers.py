@@ -28,7 +28,9 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 BATCH = 200
-MAX_FRAME = 4096  # the client only ever sends tiny control frames
+MAX_FRAME = 64 * 1024  # control frames, and decisions with their feedback and edits
+# Frames of the older CMBAgent client, accepted and routed through the one approval service.
+LEGACY_DECISIONS = ("resolve_approval", "approval_response")
 
 
 @database_sync_to_async
@@ -47,6 +49,34 @@ def _render_after(session_id: uuid.UUID, after: int) -> tuple[str, int, int]:
     if not rows:
         return "", after, 0
     return render_push(session, rows), rows[-1].seq, len(rows)
+
+
+def _decide_from_socket(user, session_id: uuid.UUID, frame: dict) -> str:
+    """Decide through the approval service; returns why not, or "" on success."""
+    from approvals import services as approvals
+    from approvals.models import ApprovalRequest, Door
+    from approvals.legacy import DECISIONS
+
+    try:
+        request = ApprovalRequest.objects.filter(pk=uuid.UUID(str(frame.get("request"))), session_id=session_id).first()
+    except ValueError:
+        request = None
+    if request is None:
+        return "no such approval request in this session"
+    decision = frame.get("decision")
+    if frame.get("legacy_resolution"):
+        decision = DECISIONS.get(request.kind, {}).get(frame["legacy_resolution"], frame["legacy_resolution"])
+        if decision == "edit" and request.kind == "plan" and isinstance(frame["edits"], dict) and "steps" not in frame["edits"]:
+            frame["edits"] = {"steps": frame["edits"].get("plan") or []}
+    edits = frame.get("edits") if isinstance(frame.get("edits"), dict) else {}
+    door = Door.LEGACY_API if frame.get("door") == "legacy_api" else Door.SESSION_PAGE
+    try:
+        approvals.decide(request.pk, user=user, decision=str(decision or ""), feedback=str(frame.get("feedback") or ""), edits=edits, door=door)
+    except PermissionError:
+        return "you may not decide this request"
+    except approvals.ApprovalError as exc:
+        return str(exc)
+    return ""
 
 
 class SessionConsumer(AsyncWebsocketConsumer):
@@ -98,7 +128,29 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if not isinstance(frame, dict):
             await self._reject_frame("not a JSON object")
             return
-        if frame.get("type") == "hello":
+        if "copilotSessionId" in frame:
+            logger.warning("deprecated socket field copilotSessionId: the session is the socket's URL (/ws/sessions/<id>/)")
+            if str(frame.pop("copilotSessionId")) != str(self.session_id):
+                await self._reject_frame("copilotSessionId names another session than this socket's")
+                return
+        if frame.get("type") in LEGACY_DECISIONS:
+            logger.warning(
+                "deprecated socket frame %r: send {\"type\": \"decide\", \"request\", \"decision\", \"feedback\", \"edits\"}",
+                frame.get("type"),
+            )
+            approved = frame.get("approved")
+            resolution = frame.get("resolution") or ("approved" if approved is True else "rejected" if approved is False else "")
+            frame = {
+                "type": "decide",
+                "request": frame.get("approval_id"),
+                "legacy_resolution": resolution,
+                "feedback": frame.get("feedback") or "",
+                "edits": frame.get("modifications") or {},
+                "door": "legacy_api",
+            }
+        if frame.get("type") == "decide":
+            await self._decide(frame)
+        elif frame.get("type") == "hello":
             after = frame.get("after", 0)
             if isinstance(after, str) and after.isdigit():
                 after = int(after)
@@ -111,6 +163,11 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=json.dumps({"type": "pong"}))
         else:
             await self._reject_frame(f"unknown frame type {str(frame.get('type'))[:40]!r}")
+
+    async def _decide(self, frame: dict) -> None:
+        message = await database_sync_to_async(_decide_from_socket)(self.scope["user"], self.session_id, frame)
+        if message:
+            await self._reject_frame(message)
 
     async def _reject_frame(self, why: str) -> None:
         logger.info("session socket %s: malformed frame (%s)", getattr(self, "session_id", "?"), why)

@@ -13,5 +13,13 @@ NOTE_HTML_LIMIT = 32 * 1024
 
 
 def render_push(session: Session, events: Sequence[Event]) -> str:
-    """Transcript rows to append, plus the status and totals as they are now."""
-    return render_to_string("sessions/push.html", {"events": events, "session": session})
+    """Transcript rows to append, plus the status, totals and pending approval cards as they are now."""
+    return render_to_string(
+        "sessions/push.html", {"events": events, "session": session, "pending_approvals": pending_approvals(session)}
+    )
+
+
+def pending_approvals(session: Session):
+    from approvals.models import ApprovalRequest
+
+    return list(ApprovalRequest.objects.filter(session=session, status=ApprovalRequest.Status.PENDING).order_by("created_at"))

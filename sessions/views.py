@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from sessions import selectors, services
 from sessions.forms import SessionForm
+from sessions.fragments import pending_approvals
 from sessions.models import Session
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,12 @@ def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
     return render(
         request,
         "sessions/detail.html",
-        {"session": session, "events": events, "last_seq": events[-1].seq if events else 0},
+        {
+            "session": session,
+            "events": events,
+            "last_seq": events[-1].seq if events else 0,
+            "pending_approvals": pending_approvals(session),
+        },
     )
 
 

@@ -31,3 +31,11 @@ def call_code(arguments: str) -> str:
     if isinstance(value, dict) and isinstance(value.get("code"), str):
         return value["code"]
     return json.dumps(value, indent=2)
+
+
+@register.filter
+def option_label(option: str) -> str:
+    """The button text of an approval answer."""
+    from orchestrator.engine.hitl import OPTION_LABELS
+
+    return OPTION_LABELS.get(option, option.replace("_", " ").capitalize())

@@ -1,0 +1,103 @@
+"""The approval card on the session page, the staff queue (live), and the socket doors (current and legacy)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import Permission
+from django.urls import reverse
+
+from approvals.models import ApprovalRequest
+from sessions.models import Run
+from tests.approvals.helpers import waiting_session
+from tests.sessions.test_consumers import _communicator, _cookie_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def approver(django_user_model):
+    user = django_user_model.objects.create_user("carol", password="x-Pa55word!", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="approvals"))
+    return django_user_model.objects.get(pk=user.pk)
+
+
+def test_session_page_shows_the_card_and_the_owner_decides(client, alice):
+    session = waiting_session(alice)
+    request = ApprovalRequest.objects.get(session=session)
+    client.force_login(alice)
+    html = client.get(session.get_absolute_url()).content.decode()
+    assert f'id="approval-{request.pk}"' in html and 'data-decision="approve"' in html and "[engineer] Plot it" in html
+    response = client.post(reverse("approvals:decide", args=[request.pk]), {"decision": "reject", "feedback": ""}, HTTP_HX_REQUEST="true")
+    assert "needs feedback" in response.content.decode()
+    response = client.post(
+        reverse("approvals:decide", args=[request.pk]),
+        {"decision": "edit", "steps": "[researcher] Read\n[engineer] Plot\n", "feedback": "shorter"},
+        HTTP_HX_REQUEST="true",
+    )
+    assert response.status_code == 204
+    request.refresh_from_db()
+    assert request.decision == "edit" and [s["agent"] for s in request.edits["steps"]] == ["researcher", "engineer"]
+    assert f'id="approval-{request.pk}"' not in client.get(session.get_absolute_url()).content.decode()
+
+
+def test_others_cannot_see_or_decide(client, alice, bob):
+    request = ApprovalRequest.objects.get(session=waiting_session(alice))
+    client.force_login(bob)
+    assert client.post(reverse("approvals:decide", args=[request.pk]), {"decision": "approve"}).status_code == 404
+    assert client.get(reverse("approvals:queue")).status_code == 404
+    request.refresh_from_db()
+    assert request.status == "pending"
+
+
+def test_staff_queue_lists_filters_and_decides_in_place(client, alice, approver):
+    plan = ApprovalRequest.objects.get(session=waiting_session(alice))
+    code = ApprovalRequest.objects.get(session=waiting_session(alice, kind="code"))
+    client.force_login(approver)
+    html = client.get(reverse("approvals:queue")).content.decode()
+    assert f"approval-{plan.pk}" in html and f"approval-{code.pk}" in html
+    html = client.get(reverse("approvals:queue") + "?kind=code").content.decode()
+    assert f"approval-{plan.pk}" not in html and f"approval-{code.pk}" in html
+    response = client.post(reverse("approvals:decide", args=[code.pk]), {"decision": "deny", "door": "staff_queue"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 204
+    code.refresh_from_db()
+    assert (code.decision, code.door, code.decided_by) == ("deny", "staff_queue", approver)
+
+
+async def test_queue_socket_updates_live_and_refuses_outsiders(alice, bob, approver):
+    ws = _communicator("/ws/approvals/?kind=plan", cookie=await database_sync_to_async(_cookie_for)(approver))
+    assert (await ws.connect())[0]
+    session = await database_sync_to_async(waiting_session)(alice)
+    html = await ws.receive_from(timeout=5)
+    request = await database_sync_to_async(ApprovalRequest.objects.get)(session=session)
+    assert f"approval-{request.pk}" in html and 'id="approval-rows"' in html
+    from approvals import services as approvals
+
+    await database_sync_to_async(approvals.decide)(request.pk, user=approver, decision="approve", door="staff_queue")
+    html = await ws.receive_from(timeout=5)
+    assert f"approval-{request.pk}" not in html and "Nothing is waiting" in html
+    await ws.disconnect()
+
+    outsider = _communicator("/ws/approvals/", cookie=await database_sync_to_async(_cookie_for)(bob))
+    await outsider.connect()
+    assert (await outsider.receive_output(timeout=5))["code"] == 4403
+
+
+async def test_legacy_socket_frames_go_through_the_service(alice, caplog):
+    session = await database_sync_to_async(waiting_session)(alice)
+    request = await database_sync_to_async(ApprovalRequest.objects.get)(session=session)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=await database_sync_to_async(_cookie_for)(alice))
+    await ws.connect()
+    frame = {"type": "approval_response", "approval_id": str(request.pk), "approved": False, "feedback": "Add error bars", "copilotSessionId": str(session.pk)}
+    await ws.send_to(text_data=json.dumps(frame))
+    await ws.receive_nothing(timeout=1)
+    await database_sync_to_async(request.refresh_from_db)()
+    assert (request.status, request.decision, request.feedback, request.door) == ("decided", "reject", "Add error bars", "legacy_api")
+    assert "deprecated socket frame 'approval_response'" in caplog.text and "copilotSessionId" in caplog.text
+    run = await database_sync_to_async(Run.objects.get)(session=session, status="queued")
+    assert run.answer["feedback"] == "Add error bars"
+    # A second decision through the legacy door is refused with who was first.
+    await ws.send_to(text_data=json.dumps({"type": "resolve_approval", "approval_id": str(request.pk), "resolution": "approved"}))
+    assert "Already decided: reject by alice via the legacy socket api" in await ws.receive_from(timeout=5)
+    await ws.disconnect()
