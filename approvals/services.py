@@ -120,7 +120,7 @@ def decide(
             decision=answer.decision,
             feedback=answer.feedback,
             edits=answer.edits,
-            decided_by=user if user is not None else None,
+            decided_by=user,
             decided_at=now,
             door=door,
         )

@@ -266,47 +266,41 @@ def _check_resumable(session: Session) -> None:
         raise SessionError(f"The model cannot be used: {exc}") from exc
 
 
-def _queue_next(session: Session, detail: str, **fields: Any) -> Run:
+def _queue_next(session: Session, detail: str, *, note: dict[str, Any] | None = None, **fields: Any) -> Run:
+    """Create the session's next run, queued, with its status event (``note``: extra event data), and wake a worker."""
     run = Run.objects.create(session=session, number=session.runs.count() + 1, **fields)
-    _append(session.pk, run_id=run.pk, event=_status_event("queued", detail))
+    event = EngineEvent(EventKind.STATUS, content=detail, data={"status": "queued", **(note or {})})
+    _append(session.pk, run_id=run.pk, event=event)
     worker_wake()
+    return run
+
+
+def _go_on(session_id: UUID | str, user, *, required: str, verb: str, detail: str) -> Run:
+    """Queue the next run of a session in the ``required`` status, after checking it can go on from its state."""
+    with transaction.atomic():
+        session = _locked_session(session_id, user)
+        if session.status != required:
+            label = Session.Status(required).label.lower()
+            raise SessionError(f"Only a {label} session can be {verb}; this one is {session.get_status_display().lower()}.")
+        _check_resumable(session)
+        run = _queue_next(session, detail)
+    logger.info("session %s %s by user %s (run %d)", session.pk, verb, user.pk, run.number)
     return run
 
 
 def session_continue(*, session_id: UUID | str, user) -> Run:
     """Queue the next run of a paused session: same state, a fresh round budget."""
-    with transaction.atomic():
-        session = _locked_session(session_id, user)
-        if session.status != Session.Status.PAUSED:
-            raise SessionError(f"Only a paused session can be continued; this one is {session.get_status_display().lower()}.")
-        _check_resumable(session)
-        run = _queue_next(session, "Continuing with a fresh round budget.")
-    logger.info("session %s continued by user %s (run %d)", session.pk, user.pk, run.number)
-    return run
+    return _go_on(session_id, user, required=Session.Status.PAUSED, verb="continued", detail="Continuing with a fresh round budget.")
 
 
 def session_resume(*, session_id: UUID | str, user) -> Run:
     """Queue a suspended session's next run; it goes on from the saved state, not from the start."""
-    with transaction.atomic():
-        session = _locked_session(session_id, user)
-        if session.status != Session.Status.SUSPENDED:
-            raise SessionError(f"Only a suspended session can be resumed; this one is {session.get_status_display().lower()}.")
-        _check_resumable(session)
-        run = _queue_next(session, "Resuming from the saved state.")
-    logger.info("session %s resumed by user %s (run %d)", session.pk, user.pk, run.number)
-    return run
+    return _go_on(session_id, user, required=Session.Status.SUSPENDED, verb="resumed", detail="Resuming from the saved state.")
 
 
 def session_retry(*, session_id: UUID | str, user) -> Run:
     """Queue a failed session's next run, from its last saved event."""
-    with transaction.atomic():
-        session = _locked_session(session_id, user)
-        if session.status != Session.Status.FAILED:
-            raise SessionError(f"Only a failed session can be retried; this one is {session.get_status_display().lower()}.")
-        _check_resumable(session)
-        run = _queue_next(session, "Retrying from the last saved event.")
-    logger.info("session %s retried by user %s (run %d)", session.pk, user.pk, run.number)
-    return run
+    return _go_on(session_id, user, required=Session.Status.FAILED, verb="retried", detail="Retrying from the last saved event.")
 
 
 def _stop(session_id: UUID | str, user, outcome: str) -> Session:
@@ -367,11 +361,8 @@ def queue_answer(session_id: UUID | str, answer: hitl.Answer, *, request_id: str
         raise SessionError(str(exc)) from exc
     checked = hitl.Answer(checked.decision, checked.feedback, checked.edits, by=answer.by)
     label = hitl.OPTION_LABELS.get(checked.decision, checked.decision)
-    run = Run.objects.create(session=session, number=session.runs.count() + 1, answer=checked.to_dict())
     detail = f"{label} ({answer.by}): the team goes on."
-    _append(session.pk, run_id=run.pk, event=EngineEvent(EventKind.STATUS, content=detail, data={"status": "queued", "decided": request_id, "door": door}))
-    worker_wake()
-    return run
+    return _queue_next(session, detail, note={"decided": request_id, "door": door}, answer=checked.to_dict())
 
 
 def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer, door: str = "session_page") -> Run:
