@@ -31,7 +31,7 @@ class ApprovalRequest(models.Model):
     session = models.ForeignKey("agent_sessions.Session", on_delete=models.CASCADE, related_name="approval_requests")
     # seq of the approval event in the session's log; empty for a request migrated from a legacy record.
     event_seq = models.PositiveIntegerField(null=True, blank=True)
-    kind = models.CharField(max_length=20, db_index=True)  # plan, step, code, error, copilot_turn
+    kind = models.CharField(max_length=20, db_index=True)  # plan, step, code, error, copilot_turn, budget
     question = models.TextField()
     options = models.JSONField(default=list)
     payload = models.JSONField(default=dict, blank=True)  # the plan, code, error or step being decided on
@@ -58,7 +58,7 @@ class ApprovalRequest(models.Model):
         return f"{self.get_kind_display()} request of {self.session_id} ({self.status})"
 
     def get_kind_display(self) -> str:
-        return {"plan": "Plan", "step": "Step checkpoint", "code": "Code", "error": "Error recovery", "copilot_turn": "Copilot turn"}.get(
+        return {"plan": "Plan", "step": "Step checkpoint", "code": "Code", "error": "Error recovery", "copilot_turn": "Copilot turn", "budget": "Round budget"}.get(
             self.kind, self.kind
         )
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 QUEUE_GROUP = "approvals"  # the staff queue's live group
 EXPIRY_POLICIES = ("reject", "approve", "pending")
 # What "reject" means for each kind of request when a timeout policy applies it.
-REJECTING = {"plan": "reject", "step": "abort", "code": "deny", "error": "abort", "copilot_turn": "finish"}
+REJECTING = {"plan": "reject", "step": "abort", "code": "deny", "error": "abort", "copilot_turn": "finish", "budget": "stop"}
 
 
 class ApprovalError(ValueError):

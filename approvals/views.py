@@ -16,6 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from approvals import services as approvals
 from approvals.forms import DecideForm
 from approvals.models import ApprovalRequest, Door
+from orchestrator.engine import hitl
 
 logger = logging.getLogger(__name__)
 AGES = {"1h": 3600, "1d": 86400, "7d": 7 * 86400}
@@ -58,7 +59,7 @@ def decide(request: HttpRequest, request_id: UUID) -> HttpResponse:
     return redirect(back)
 
 
-KINDS = ["plan", "step", "code", "error", "copilot_turn"]
+KINDS = [str(kind) for kind in hitl.Request]
 
 
 def pending_for(user, params) -> tuple:

@@ -288,8 +288,18 @@ def _go_on(session_id: UUID | str, user, *, required: str, verb: str, detail: st
     return run
 
 
-def session_continue(*, session_id: UUID | str, user) -> Run:
-    """Queue the next run of a paused session: same state, a fresh round budget."""
+def session_continue(*, session_id: UUID | str, user, door: str = "session_page") -> Run:
+    """Queue the next run of a paused session: same state, a fresh round budget.
+
+    A spent budget is an approval request like any other, so Continue answers
+    it through the approval service (one winner, audited). A session paused
+    before budgets were requests has none and is continued directly.
+    """
+    from approvals.models import ApprovalRequest
+
+    pending = ApprovalRequest.objects.filter(session_id=session_id, kind=hitl.Request.BUDGET, status=ApprovalRequest.Status.PENDING)
+    if pending.exists():
+        return session_answer(session_id=session_id, user=user, answer=hitl.Answer("continue"), door=door)
     return _go_on(session_id, user, required=Session.Status.PAUSED, verb="continued", detail="Continuing with a fresh round budget.")
 
 
@@ -350,18 +360,22 @@ def queue_answer(session_id: UUID | str, answer: hitl.Answer, *, request_id: str
     from sessions import selectors  # selectors import models only; kept local to avoid a cycle at import
 
     session = Session.objects.select_for_update().get(pk=session_id)
-    if session.status != Session.Status.WAITING_APPROVAL:
-        raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
     request = hitl.open_request(selectors.engine_history(session.pk))
+    budget = request is not None and hitl.is_budget(request)
+    if session.status != (Session.Status.PAUSED if budget else Session.Status.WAITING_APPROVAL):
+        raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
     if request is None:
         raise SessionError("This session has no open request.")
+    if budget and answer.decision == "continue":
+        _check_resumable(session)  # as Continue always did: a broken state or model is refused, with its cause
     try:
         checked = hitl.validate(request, answer)
     except hitl.AnswerError as exc:
         raise SessionError(str(exc)) from exc
     checked = hitl.Answer(checked.decision, checked.feedback, checked.edits, by=answer.by)
     label = hitl.OPTION_LABELS.get(checked.decision, checked.decision)
-    detail = f"{label} ({answer.by}): the team goes on."
+    ends = checked.decision in ("abort", "stop")
+    detail = f"{label} ({answer.by}): {'the run ends' if ends else 'the team goes on'}."
     return _queue_next(session, detail, note={"decided": request_id, "door": door}, answer=checked.to_dict())
 
 
@@ -378,6 +392,8 @@ def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer, door: s
     try:
         approvals.decide(request.pk, user=user, decision=answer.decision, feedback=answer.feedback, edits=answer.edits, door=door)
     except PermissionError as exc:
+        if request.session.owner_id == getattr(user, "pk", None):
+            raise SessionError("This session's requests are decided by staff with the approvals permission.") from exc
         raise SessionError("No such session.") from exc
     except approvals.ApprovalError as exc:
         raise SessionError(str(exc)) from exc

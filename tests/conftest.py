@@ -22,6 +22,16 @@ def bob(django_user_model):
     return django_user_model.objects.create_user(username="bob", password="bob-pass-123")
 
 
+@pytest.fixture
+def approver(django_user_model):
+    """Staff with the approvals permission: decides any session's requests."""
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user("carol", password="x-Pa55word!", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="approvals"))
+    return django_user_model.objects.get(pk=user.pk)
+
+
 def pytest_configure(config):
     from django.conf import settings
 

@@ -34,6 +34,7 @@ class Request(enum.StrEnum):
     CODE = "code"  # a guard before the executor runs code
     ERROR = "error"  # code failed: retry, skip or abort
     COPILOT_TURN = "copilot_turn"  # the team answered: send the next request, or finish
+    BUDGET = "budget"  # the round budget is spent: continue with a fresh one, or stop
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -43,6 +44,7 @@ class Request(enum.StrEnum):
             Request.CODE: ("allow", "allow_session", "deny", "edit"),
             Request.ERROR: ("retry", "skip", "abort"),
             Request.COPILOT_TURN: ("reply", "finish"),
+            Request.BUDGET: ("continue", "stop"),
         }[self]
 
     @property
@@ -54,6 +56,7 @@ class Request(enum.StrEnum):
             Request.CODE: "allow",
             Request.ERROR: "retry",
             Request.COPILOT_TURN: "finish",
+            Request.BUDGET: "continue",
         }[self]
 
 
@@ -71,7 +74,13 @@ OPTION_LABELS = {
     "retry": "Retry",
     "reply": "Send",
     "finish": "Finish",
+    "stop": "Stop",
 }
+
+
+def is_budget(event: EngineEvent) -> bool:
+    """A round-budget request or its decision: the person's, never the team's conversation."""
+    return event.kind in (EventKind.APPROVAL, EventKind.DECISION) and event.data.get("request") == Request.BUDGET
 
 
 class AnswerError(ValueError):
@@ -271,6 +280,12 @@ def decision_event(request: EngineEvent, answer: Answer, *, planned: bool) -> En
         else:
             target = "control" if planned else "summarizer"
             text = f"**Human decision on the error: {decision}.**{said}"
+    elif kind == Request.BUDGET:
+        # Not a message to the team: a continued run picks up where the budget ran out.
+        text = {
+            "continue": "**Human decision on the round budget: continue** with a fresh budget.",
+            "stop": "**Human decision on the round budget: stop** the run here.",
+        }[decision] + said
     else:
         if decision == "reply":
             target, text = "copilot_control", f"**Next request:** {feedback}"

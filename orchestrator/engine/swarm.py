@@ -48,6 +48,7 @@ from orchestrator.engine.hitl import (
     Policy,
     Request,
     decision_event,
+    is_budget,
     open_request,
     validate,
 )
@@ -146,6 +147,8 @@ def _ends_turn(events: Sequence[EngineEvent], i: int) -> bool:
     """Whether the team could be started afresh right after ``events[i]``."""
     event = events[i]
     following = events[i + 1] if i + 1 < len(events) else None
+    if is_budget(event):
+        return False  # like the worker's status events: the turn before it ended (or not) on its own
     if event.kind in (EventKind.TASK, EventKind.HANDOFF, EventKind.APPROVAL, EventKind.DECISION):
         return True
     if event.kind == EventKind.PLAN and event.agent == HUMAN:
@@ -196,7 +199,7 @@ def messages_from_log(events: Sequence[EngineEvent]) -> list[BaseChatMessage]:
                     ],
                 )
             )
-        elif event.kind == EventKind.DECISION:
+        elif event.kind == EventKind.DECISION and not is_budget(event):
             # The decision reaches the team as a handoff from the human to the agent that acts on it.
             messages.append(HandoffMessage(source=HUMAN, target=event.data["target"], content=event.data["message"]))
         elif event.kind == EventKind.HANDOFF:
@@ -295,7 +298,13 @@ class SwarmOrchestrator:
             async for event, checkpoint in self._run_once(log):
                 log.append(event)
                 yield event, checkpoint
-            if not (self.outcome and self.outcome.status == "paused" and automatic < self.auto_continue):
+            if not (self.outcome and self.outcome.status == "paused"):
+                return
+            if automatic >= self.auto_continue:
+                # The budget is a person's decision now: continue with a fresh one, or stop.
+                request = self._budget_request()
+                self.state.apply(request)
+                yield request, self.state.to_dict()
                 return
             automatic += 1
             # Logged, so a later continuation (in another process) still counts it.
@@ -337,6 +346,9 @@ class SwarmOrchestrator:
         if answer.decision == "abort":
             self.outcome = RunOutcome("cancelled", f"aborted by {answer.by or 'a person'}")
             return
+        if answer.decision == "stop":
+            self.outcome = RunOutcome("cancelled", f"stopped at the round budget by {answer.by or 'a person'}")
+            return
         async for pair in self.run(log):
             yield pair
 
@@ -345,7 +357,8 @@ class SwarmOrchestrator:
         # Status and error events are the worker's, not the team's; they still
         # mark where a turn ended, so they are dropped only after the split.
         done, unfinished = (
-            [e for e in part if e.kind not in (EventKind.STATUS, EventKind.ERROR)] for part in split_history(list(history))
+            [e for e in part if e.kind not in (EventKind.STATUS, EventKind.ERROR) and not is_budget(e)]
+            for part in split_history(list(history))
         )
         self.state = Checkpoint()
         for event in done:
@@ -404,6 +417,23 @@ class SwarmOrchestrator:
             self._last_code = event.data["edits"]["code"]
         elif event.kind == EventKind.TOOL_RESULT and event.data.get("name") == "execute_code":
             self._last_failure = "" if "execution succeeded" in event.content else event.content
+
+    def _budget_request(self) -> EngineEvent:
+        """The approval event for a spent round budget."""
+        state = self.state
+        used = f"{self.max_turns} turns" if self.max_turns else "its turns"
+        content = f"The team used {used} of this run's round budget. Continue with a fresh budget, or stop the run here."
+        data = {
+            "request": str(Request.BUDGET),
+            "phase": state.phase,
+            "step": state.step,
+            "of": len(state.plan),
+            "max_turns": self.max_turns,
+            "turns": state.turns,
+            "continuations": state.continuations + 1,
+            "options": list(Request.BUDGET.options),
+        }
+        return EngineEvent(EventKind.APPROVAL, agent=state.speaker, content=content, data=data)
 
     def _request(self, kind: Request) -> EngineEvent:
         """The approval event for a gate the team stopped at, from the state it stopped in."""

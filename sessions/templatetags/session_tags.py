@@ -39,3 +39,11 @@ def option_label(option: str) -> str:
     from orchestrator.engine.hitl import OPTION_LABELS
 
     return OPTION_LABELS.get(option, option.replace("_", " ").capitalize())
+
+
+@register.filter
+def offered(actions, pending_approvals) -> list:
+    """The session's lifecycle controls, less Continue while a round-budget card asks the same (with Stop beside it)."""
+    if any(request.kind == "budget" for request in pending_approvals or ()):
+        return [action for action in actions if action[0] != "continue"]
+    return list(actions)

@@ -5,7 +5,6 @@ import json
 
 import pytest
 from channels.db import database_sync_to_async
-from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from approvals.models import ApprovalRequest
@@ -14,13 +13,6 @@ from tests.approvals.helpers import waiting_session
 from tests.sessions.test_consumers import _communicator, _cookie_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def approver(django_user_model):
-    user = django_user_model.objects.create_user("carol", password="x-Pa55word!", is_staff=True)
-    user.user_permissions.add(Permission.objects.get(codename="approvals"))
-    return django_user_model.objects.get(pk=user.pk)
 
 
 def test_session_page_shows_the_card_and_the_owner_decides(client, alice):
@@ -101,3 +93,19 @@ async def test_legacy_socket_frames_go_through_the_service(alice, caplog):
     await ws.send_to(text_data=json.dumps({"type": "resolve_approval", "approval_id": str(request.pk), "resolution": "approved"}))
     assert "Already decided: reject by alice via the legacy socket api" in await ws.receive_from(timeout=5)
     await ws.disconnect()
+
+
+def test_a_spent_budget_is_a_card_with_continue_and_stop_in_place_of_the_status_button(client, alice):
+    session = waiting_session(alice, kind="budget")
+    request = ApprovalRequest.objects.get(session=session)
+    client.force_login(alice)
+    html = client.get(session.get_absolute_url()).content.decode()
+    assert f'id="{request.dom_id}"' in html and "Round budget: your decision" in html
+    assert 'data-decision="continue"' in html and 'data-decision="stop"' in html
+    assert 'data-action="continue"' not in html and 'data-action="cancel"' in html  # one Continue on the page, not two
+    assert 'name="feedback"' not in html.split(f'id="{request.dom_id}"')[1].split("</article>")[0]  # nothing to tell the team
+    response = client.post(reverse("sessions:action", kwargs={"session_id": session.pk, "action": "continue"}))
+    assert response.status_code in (200, 302)
+    request.refresh_from_db()
+    assert (request.status, request.decision, request.door, request.decided_by) == ("decided", "continue", "session_page", alice)
+

@@ -16,13 +16,6 @@ from tests.approvals.helpers import waiting_session
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def approver(django_user_model):
-    user = django_user_model.objects.create_user("carol", password="x-Pa55word!", is_staff=True)
-    user.user_permissions.add(Permission.objects.get(codename="approvals"))
-    return django_user_model.objects.get(pk=user.pk)
-
-
 def test_an_approval_event_records_one_pending_request(alice):
     session = waiting_session(alice)
     request = ApprovalRequest.objects.get(session=session)
@@ -114,11 +107,20 @@ def test_feedback_and_edits_are_recorded_and_carried_to_the_run(alice):
     assert run.answer["decision"] == "edit" and run.answer["edits"]["steps"][1]["description"] == "Then plot"
 
 
-@pytest.mark.parametrize("policy, decision, status", [("reject", "reject", "expired"), ("approve", "approve", "expired"), ("pending", "", "pending")])
-def test_expiry_applies_the_policy_and_records_it(alice, settings, policy, decision, status):
+@pytest.mark.parametrize(
+    "kind, policy, decision, status",
+    [
+        ("plan", "reject", "reject", "expired"),
+        ("plan", "approve", "approve", "expired"),
+        ("plan", "pending", "", "pending"),
+        ("budget", "reject", "stop", "expired"),
+        ("budget", "approve", "continue", "expired"),
+    ],
+)
+def test_expiry_applies_the_policy_and_records_it(alice, settings, kind, policy, decision, status):
     settings.APPROVAL_EXPIRY_POLICY = policy
     settings.APPROVAL_TIMEOUT_SECONDS = 60
-    session = waiting_session(alice)
+    session = waiting_session(alice, kind=kind)
     request = ApprovalRequest.objects.get(session=session)
     assert request.expires_at is not None
     assert approvals.expire_due(now=request.expires_at.replace(year=request.expires_at.year + 1)) == 1
@@ -128,7 +130,7 @@ def test_expiry_applies_the_policy_and_records_it(alice, settings, policy, decis
         assert request.audit[-1]["policy"] == "left pending" and request.expires_at is None
     else:
         assert request.door == "timeout_policy" and request.decided_by is None
-        assert Run.objects.filter(session=session, status="queued").count() == 1
+        assert Run.objects.get(session=session, status="queued").answer["decision"] == decision
 
 
 def test_cancelling_the_session_cancels_its_requests(alice):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -34,24 +33,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.browser_support import (
+    launch_chromium,
+    log_in,
+    remove_stale_failure_screenshots,
+    save_screenshot,
+    screenshot_failed_pages,
+)
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 MANAGE = PROJECT_DIR / "manage.py"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SERVER_START_TIMEOUT = 45.0
 MANAGE_TIMEOUT = 120.0
 # Generous for a loaded CI box; a normal run finishes its session in well under a second.
 RUN_TIMEOUT_MS = 30_000
-
-ARTIFACTS_DIR = Path(os.environ.get("TEST_ARTIFACTS_DIR", "test-artifacts"))
-SCREENSHOTS_DIR = ARTIFACTS_DIR / "screenshots"
 
 _DB_MARK = "@@E2E-JSON@@"
 _FAILURES: list[str] = []  # node ids of failed tests, to print the server log at teardown
@@ -65,10 +60,6 @@ class Account:
 
 ALICE = Account("alice", "alice-e2e-Pa55word!")
 BOB = Account("bob", "bob-e2e-Pa55word!")
-
-
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -320,32 +311,9 @@ def live_server_url(e2e_server: E2EServer) -> str:
 
 @pytest.fixture(scope="package")
 def browser():
-    """Headless Chromium, closed when the tests of this package are done.
-
-    Not session scope: while Playwright's sync API is open, asyncio sees a running
-    loop in this thread, and every pytest-asyncio test collected after this package
-    fails with "Runner.run() cannot be called from a running event loop".
-    """
-    if not CHROMIUM.exists():
-        if _under_ci():
-            pytest.fail(f"Chromium is required under CI (expected {CHROMIUM})")
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if _under_ci():
-            pytest.fail("Playwright is required under CI")
-        pytest.skip("Playwright is not installed")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:120]
+    """Headless Chromium, closed when the tests of this package are done (why not session scope: launch_chromium)."""
+    with launch_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
@@ -355,8 +323,7 @@ def new_context(browser, request):
     On a failed test a screenshot of every open page goes to the artifacts folder.
     """
     contexts = []
-    for stale in SCREENSHOTS_DIR.glob(f"FAILED-{_slug(request.node.name)}-*.png"):
-        stale.unlink(missing_ok=True)
+    remove_stale_failure_screenshots(request.node.name)
 
     def make(**kwargs):
         ctx = browser.new_context(**kwargs)
@@ -366,18 +333,9 @@ def new_context(browser, request):
 
     yield make
     rep = getattr(request.node, "rep_call", None)
-    failed = rep is not None and rep.failed
-    for ctx_index, ctx in enumerate(contexts):
-        if failed:
-            SCREENSHOTS_DIR.mkdir(parents=True, exist_ok=True)
-            for page_index, page in enumerate(ctx.pages):
-                try:
-                    page.screenshot(
-                        path=str(SCREENSHOTS_DIR / f"FAILED-{_slug(request.node.name)}-{ctx_index}-{page_index}.png"),
-                        full_page=True,
-                    )
-                except Exception:  # noqa: BLE001 - best effort only
-                    pass
+    if rep is not None and rep.failed:
+        screenshot_failed_pages(contexts, request.node.name)
+    for ctx in contexts:
         ctx.close()
 
 
@@ -397,11 +355,7 @@ def screenshot(request):
     """``screenshot(page, "name")`` saves a full-page PNG under <artifacts>/screenshots/."""
 
     def take(page, name: str) -> Path:
-        SCREENSHOTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS_DIR / f"{_slug(request.node.name)}--{_slug(name)}.png"
-        page.screenshot(path=str(path), full_page=True)
-        assert path.stat().st_size > 0, f"empty screenshot {path}"
-        return path
+        return save_screenshot(page, request.node.name, name)
 
     return take
 
@@ -414,14 +368,8 @@ def accounts() -> dict[str, Account]:
 @pytest.fixture
 def login(live_server_url):
     """``login(page, account)`` logs in through the /login/ form and lands on the sessions list."""
-    from playwright.sync_api import expect
 
     def do_login(page, account: Account) -> None:
-        page.goto(live_server_url + "/login/")
-        page.fill("#id_username", account.username)
-        page.fill("#id_password", account.password)
-        page.get_by_role("button", name="Log in", exact=True).click()
-        page.wait_for_url(live_server_url + "/sessions/")
-        expect(page.locator("header.topbar nav")).to_contain_text(account.username)
+        log_in(page, live_server_url, account.username, account.password)
 
     return do_login

@@ -6,58 +6,14 @@ import re
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser_support import LIVE_PROBE, SESSION_URL, assert_matches_db, dom_transcript, rows, start_session
+
 pytestmark = pytest.mark.browser
 
-SESSION_URL = re.compile(r"/sessions/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/$")
 RUN_TIMEOUT_MS = 30_000  # a run takes well under a second here; generous for a loaded CI box
 PLANNING_AGENTS = {"planner", "plan_reviewer", "control", "researcher", "engineer", "executor", "summarizer", "terminator"}
 XSS_MARKUP = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 XSS_TASK = f"Check escaping: {XSS_MARKUP} end."
-
-# Installed in every document before its own scripts run: counts transcript
-# articles present at DOMContentLoaded and every article added afterwards.
-LIVE_PROBE = """
-(() => {
-  window.__e2e = {initial: null, initialSeqs: [], addedSeqs: [], statuses: [], articlesWhenCompleted: null};
-  document.addEventListener('DOMContentLoaded', () => {
-    const transcript = document.getElementById('transcript');
-    if (!transcript) return;
-    const seqs = (root) => Array.from(root.querySelectorAll('article[data-seq]')).map(a => Number(a.dataset.seq));
-    window.__e2e.initialSeqs = seqs(transcript);
-    window.__e2e.initial = window.__e2e.initialSeqs.length;
-    const badge = document.getElementById('session-status');
-    if (badge) window.__e2e.statuses.push(badge.dataset.status);
-    new MutationObserver((records) => {
-      for (const record of records) {
-        for (const node of record.addedNodes) {
-          if (node.nodeType !== 1) continue;
-          if (node.matches('article[data-seq]')) window.__e2e.addedSeqs.push(Number(node.dataset.seq));
-          node.querySelectorAll('article[data-seq]').forEach(a => window.__e2e.addedSeqs.push(Number(a.dataset.seq)));
-        }
-      }
-    }).observe(transcript, {childList: true, subtree: true});
-    // The status partial is replaced whole on each push: watch the stable page header around it.
-    const head = badge && badge.closest('.session-head');
-    if (head) new MutationObserver(() => {
-      const now = document.getElementById('session-status');
-      if (!now) return;
-      window.__e2e.statuses.push(now.dataset.status);
-      if (now.dataset.status === 'completed' && window.__e2e.articlesWhenCompleted === null)
-        window.__e2e.articlesWhenCompleted = transcript.querySelectorAll('article[data-seq]').length;
-    }).observe(head, {childList: true, subtree: true, attributes: true});
-  });
-})();
-"""
-
-TRANSCRIPT_JS = """
-() => Array.from(document.querySelectorAll('#transcript article')).map(a => ({
-  seq: Number(a.dataset.seq),
-  kind: a.dataset.kind,
-  agent: a.dataset.agent,
-  text: a.textContent.replace(/\\s+/g, ' ').trim(),
-  direct: a.parentElement && a.parentElement.id === 'transcript',
-}))
-"""
 
 # Open a socket to ``path`` from the page, say hello, and resolve with how it
 # went: on close, or (``untilMessage``) on the first message, or after 10 s.
@@ -77,41 +33,10 @@ SOCKET_JS = """
 """
 
 
-def start_session(page: Page, base_url: str, task: str, mode: str) -> str:
-    """Fill in /sessions/new/, press Start, and return the new session's id from the redirect."""
-    page.goto(base_url + "/sessions/new/")
-    page.fill("textarea[name=task]", task)
-    page.select_option("select[name=mode]", mode)
-    page.get_by_role("button", name="Start", exact=True).click()
-    page.wait_for_url(SESSION_URL)
-    match = SESSION_URL.search(page.url)
-    assert match, page.url
-    return match.group(1)
-
-
-def dom_transcript(page: Page) -> list[dict]:
-    return page.evaluate(TRANSCRIPT_JS)
-
-
-def rows(transcript: list[dict]) -> list[tuple]:
-    return [(e["seq"], e["kind"], e["agent"], e["text"]) for e in transcript]
-
-
 def wait_until_done(page: Page, db_count: int | None = None) -> None:
     expect(page.locator("#session-status")).to_have_attribute("data-status", "completed", timeout=RUN_TIMEOUT_MS)
     if db_count is not None:
         expect(page.locator("#transcript article[data-seq]")).to_have_count(db_count, timeout=RUN_TIMEOUT_MS)
-
-
-def assert_matches_db(transcript: list[dict], db_events: list[dict]) -> None:
-    seqs = [e["seq"] for e in transcript]
-    assert len(seqs) == len(set(seqs)), f"duplicate seqs in the DOM: {seqs}"
-    assert seqs == list(range(1, len(seqs) + 1)), f"DOM seqs are not 1..N in order: {seqs}"
-    assert all(e["direct"] for e in transcript), "an article was swapped in nested instead of appended to #transcript"
-    assert len(transcript) == len(db_events), f"DOM shows {len(transcript)} events, the database holds {len(db_events)}"
-    assert [(e["seq"], e["kind"], e["agent"]) for e in transcript] == [
-        (e["seq"], e["kind"], e["agent"] or "") for e in db_events
-    ]
 
 
 def test_planning_run_streams_live_and_survives_reload(

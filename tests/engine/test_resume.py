@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.engine import EngineEvent, EventKind, SwarmOrchestrator
+from orchestrator.engine.hitl import Answer, is_budget, open_request
 from orchestrator.engine.swarm import split_history
 
 TASK = "Compute the damped oscillation of a CMB acoustic mode and plot it"
@@ -19,7 +20,16 @@ def transcript(events):
 
 
 async def _collect(engine, history=()):
+    """Run ``engine`` from ``history``; a spent round budget waiting there is continued, as Continue does."""
+    request = open_request(history)
+    if request is not None and is_budget(request):
+        return [event async for event, _ in engine.resume(history, Answer("continue"))]
     return [event async for event, _ in engine.run(history)]
+
+
+def team(events):
+    """The team's conversation: without the worker's status notes and the round-budget requests and decisions."""
+    return [e for e in events if e.kind != EventKind.STATUS and not is_budget(e)]
 
 
 async def _uninterrupted(tmp_path, mode="planning_and_control"):
@@ -44,8 +54,12 @@ async def test_pause_and_continue_gives_the_uninterrupted_transcript(tmp_path):
     # One pause per full budget of 3 turns; a turn is each model reply (a text, or a thought with its call).
     turns = sum(1 for e in whole if e.kind in (EventKind.HANDOFF, EventKind.TOOL_CALL) or e.data.get("final"))
     assert pauses == (turns - 1) // 3
-    assert transcript([e for e in log if e.kind != EventKind.STATUS]) == transcript(whole)
+    assert transcript(team(log)) == transcript(whole)
     assert engine.state.continuations == pauses
+    # Each spent budget was asked once, and answered once, by a person.
+    asked = [e for e in log if e.kind == EventKind.APPROVAL]
+    assert len(asked) == pauses and all(e.data["request"] == "budget" and e.data["options"] == ["continue", "stop"] for e in asked)
+    assert [e.data["decision"] for e in log if e.kind == EventKind.DECISION] == ["continue"] * pauses
     assert all(step["status"] == "done" for step in engine.state.plan)
 
 
@@ -58,7 +72,7 @@ async def test_continuing_from_a_fresh_orchestrator(tmp_path):
     stored = json.loads(json.dumps([e.to_dict() for e in log]))
     log += await _collect(second, [EngineEvent.from_dict(d) for d in stored])
     assert second.outcome.status == "completed"
-    assert transcript(log) == transcript(await _uninterrupted(tmp_path, "one_shot"))
+    assert transcript(team(log)) == transcript(await _uninterrupted(tmp_path, "one_shot"))
 
 
 def test_split_history_keeps_whole_turns():
@@ -112,9 +126,9 @@ async def test_auto_continue_goes_on_up_to_its_ceiling(tmp_path):
     unattended = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "a", max_turns=3, auto_continue=100)
     events = await _collect(unattended)
     notes = [e for e in events if e.kind == EventKind.STATUS]
-    team = [e for e in events if e.kind != EventKind.STATUS]
     assert unattended.outcome.status == "completed"
-    assert transcript(team) == transcript(whole)
+    assert transcript(team(events)) == transcript(whole)
+    assert not any(e.kind == EventKind.APPROVAL for e in events)  # no person was asked
     # Each automatic continuation is in the log, numbered.
     assert [e.data["auto_continue"] for e in notes] == list(range(1, len(notes) + 1))
     assert unattended.state.continuations == len(notes) >= 3
@@ -122,8 +136,9 @@ async def test_auto_continue_goes_on_up_to_its_ceiling(tmp_path):
     capped = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "b", max_turns=3, auto_continue=2)
     first = await _collect(capped)
     assert capped.outcome.status == "paused" and capped.state.continuations == 2
-    team = [e for e in first if e.kind != EventKind.STATUS]
-    assert transcript(team) == transcript(whole[: len(team)])
+    assert first[-1].kind == EventKind.APPROVAL and first[-1].data["request"] == "budget"  # only then a person is asked
+    said = team(first)
+    assert transcript(said) == transcript(whole[: len(said)])
 
     # Continued later by a fresh orchestrator (another process): the automatic ones still count.
     log = first + [EngineEvent(EventKind.STATUS, data={"status": "paused"})]
@@ -166,3 +181,22 @@ def test_stop_anywhere_in_a_decided_run_and_continue(tmp_path_factory, cut, mode
         assert transcript(rest) == transcript(whole)
 
     asyncio.run(scenario())
+
+
+async def test_a_spent_budget_can_be_stopped_by_a_person(tmp_path):
+    """Stop, the budget request's other answer, ends the run as cancelled, with the decision in the log."""
+    first = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "run", max_turns=3)
+    log = await _collect(first)
+    request = open_request(log)
+    assert request is not None and is_budget(request) and request.data["max_turns"] == 3
+    assert request.data["turns"] == 3 and request.data["continuations"] == 1
+    later = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "run", max_turns=3)
+    added = [event async for event, _ in later.resume(log, Answer("stop", by="alice"))]
+    assert [e.kind for e in added] == [EventKind.DECISION]
+    assert added[0].data["decision"] == "stop" and "stop" in added[0].content
+    assert later.outcome.status == "cancelled" and "round budget by alice" in later.outcome.reason
+    # A run asked to go on while the budget question is open does nothing and asks nothing twice.
+    idle = SwarmOrchestrator(task=TASK, mode="planning_and_control", work_dir=tmp_path / "run", max_turns=3)
+    assert [event async for event, _ in idle.run(log)] == []
+    assert idle.outcome.status == "waiting" and idle.outcome.reason == "budget"
+

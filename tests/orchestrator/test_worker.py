@@ -10,6 +10,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from cmbagent_site.asgi import application
+from orchestrator.engine.hitl import Answer
 from orchestrator.worker import RunWorker
 from sessions import services
 from sessions.models import Event, Run, Session, SessionState
@@ -174,16 +175,67 @@ async def test_paused_session_continues_to_the_uninterrupted_transcript(alice):
 
     @database_sync_to_async
     def contents(session):
+        # The team's conversation: not the worker's status notes, nor the person's round-budget questions and answers.
         return [
             (e.kind, e.agent, e.content)
             for e in Event.objects.filter(session=session).exclude(kind="status").order_by("seq")
+            if e.data.get("request") != "budget"
         ]
+
+    @database_sync_to_async
+    def budget_requests(session):
+        from approvals.models import ApprovalRequest
+
+        return list(ApprovalRequest.objects.filter(session=session).values_list("kind", "status", "decision", "door", "decided_by__username"))
 
     session, run, _ = await _reload(budgeted)
     assert session.status == "completed" and run.number == continues + 1
     assert await contents(budgeted) == await contents(reference)
+    # Each spent budget was an approval request, answered by Continue through the approval service.
+    assert await budget_requests(budgeted) == [("budget", "decided", "continue", "session_page", "alice")] * continues
     seqs = [seq for seq, _, _ in await _log(budgeted)]
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+@database_sync_to_async
+def _budget_request(session):
+    from approvals.models import ApprovalRequest
+
+    return ApprovalRequest.objects.get(session=session, kind="budget", status="pending")
+
+
+async def test_staff_continue_a_spent_budget_from_the_queue_and_stop_the_next(alice, approver):
+    """The round budget is an approval request: staff continue it from the queue; Stop ends the run as cancelled."""
+    from approvals import services as approvals
+
+    session = await database_sync_to_async(services.session_start)(
+        owner=alice, task="Plot a damped cosine", mode="planning_and_control", config={"max_turns": 4}
+    )
+    worker = RunWorker(worker_id="w-budget", max_runs=1)
+    await _run_once(worker)
+    request = await _budget_request(session)
+    assert request.options == ["continue", "stop"] and request.payload["max_turns"] == 4
+    assert (await _reload(session))[0].status == "paused"
+    await database_sync_to_async(approvals.decide)(request.pk, user=approver, decision="continue", door="staff_queue")
+    with pytest.raises(approvals.AlreadyDecided, match="Already decided: continue by carol via the staff queue"):
+        await database_sync_to_async(approvals.decide)(request.pk, user=alice, decision="stop")
+    await _run_once(worker)
+    assert (await _reload(session))[0].status == "paused"  # the fresh budget of 4 turns was spent too
+
+    second = await _budget_request(session)
+    assert second.pk != request.pk and second.payload["continuations"] == 2
+    await database_sync_to_async(services.session_answer)(session_id=session.pk, user=alice, answer=Answer("stop"))
+    await _run_once(worker)
+    session, run, _ = await _reload(session)
+    assert (session.status, run.status) == ("cancelled", "cancelled")
+    assert (await _log_texts(session))[-1] == "The run was stopped at the round budget by alice."
+    kinds = [kind for _, kind, _ in await _log(session)]
+    assert kinds[-3:] == ["status", "decision", "status"]  # queued, the decision, cancelled: nothing else ran
+
+
+@database_sync_to_async
+def _log_texts(session):
+    return list(Event.objects.filter(session=session).order_by("seq").values_list("content", flat=True))
 
 
 async def test_only_a_paused_session_can_be_continued(alice):

@@ -169,6 +169,14 @@ class Cluster:
         pytest.fail(f"timed out waiting for {what}\n{logs}")
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Keep each phase's report on the item, so a fixture can tell a failed test at teardown.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 def _needs(url: str, what: str) -> None:
     if url:
         return

@@ -75,7 +75,7 @@ class Command(BaseCommand):
                     services.session_answer(session_id=session.pk, user=owner, answer=answer, door="terminal")
                 elif session.status == Session.Status.PAUSED and self._continue(auto_approve, continues):
                     continues += 1
-                    services.session_continue(session_id=session.pk, user=owner)
+                    services.session_continue(session_id=session.pk, user=owner, door="terminal")
                 else:
                     break
                 execute(session.pk, observer=show)
