@@ -39,3 +39,7 @@ def pytest_configure(config):
     # many threads, and a kept one would outlive the test database and block
     # its teardown.
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # Users are made by the hundred here; the real hasher's deliberate slowness
+    # only costs time (login itself is tested against the real hasher in the
+    # browser tier, whose server runs with the project's settings).
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
