@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_htmx",
+    "csp",
     "template_partials",
     "sessions.apps.AgentSessionsConfig",
     "approvals",
@@ -75,7 +76,26 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "csp.middleware.CSPMiddleware",
 ]
+
+# A strict Content Security Policy: scripts, styles and sockets from this origin
+# only; no inline script or style, no eval, no plugins, no framing. Agent output
+# is sanitised before it reaches a page; this is the second wall.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'none'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+        "base-uri": ["'none'"],
+        "object-src": ["'none'"],
+    },
+}
 
 ROOT_URLCONF = "cmbagent_site.urls"
 ASGI_APPLICATION = "cmbagent_site.asgi.application"
@@ -131,6 +151,8 @@ EMBEDDED_WORKER = _flag("EMBEDDED_WORKER", True)
 WORKER_MAX_RUNS = int(os.environ.get("WORKER_MAX_RUNS", "4"))
 WORKER_LEASE_SECONDS = int(os.environ.get("WORKER_LEASE_SECONDS", "30"))
 # Approval requests: seconds until the expiry policy applies (0: never), and that policy.
+# The session page shows this many of the newest events and loads older ones as the reader scrolls up.
+TRANSCRIPT_WINDOW = int(os.environ.get("TRANSCRIPT_WINDOW", "200"))
 APPROVAL_TIMEOUT_SECONDS = int(os.environ.get("APPROVAL_TIMEOUT_SECONDS", "0"))
 APPROVAL_EXPIRY_POLICY = os.environ.get("APPROVAL_EXPIRY_POLICY", "pending")  # reject, approve or pending
 # Address-space limit of each run's process (the engine); executed code has its own, smaller limits.

@@ -51,6 +51,8 @@ class Session(models.Model):
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    # Per agent: {"agent": {"prompt": n, "completion": n, "cost": usd}}, kept with the totals event by event.
+    usage = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -77,6 +79,17 @@ class Session(models.Model):
             S.FAILED: ["retry", "cancel"],
         }.get(self.status, [])
         return [(action, *ACTION_TEXT[action]) for action in offered]
+
+    @property
+    def usage_rows(self) -> list[tuple[str, int, int, float]]:
+        """(agent, prompt tokens, completion tokens, cost), most expensive first."""
+        rows = [(agent, u.get("prompt", 0), u.get("completion", 0), u.get("cost", 0.0)) for agent, u in (self.usage or {}).items()]
+        return sorted(rows, key=lambda r: (-r[3], -r[1], r[0]))
+
+    @property
+    def max_turns(self) -> int | None:
+        value = (self.config or {}).get("max_turns")
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     @property
     def is_live(self) -> bool:

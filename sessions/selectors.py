@@ -28,6 +28,14 @@ def transcript(session_id: UUID | str) -> list[Event]:
     return list(Event.objects.filter(session_id=session_id).order_by("seq"))
 
 
+def transcript_window(session_id: UUID | str, *, before: int | None = None, limit: int = 200) -> list[Event]:
+    """The newest ``limit`` events (before seq ``before``, if given), oldest first: one index range scan."""
+    rows = Event.objects.filter(session_id=session_id)
+    if before is not None:
+        rows = rows.filter(seq__lt=before)
+    return list(rows.order_by("-seq")[:limit])[::-1]
+
+
 def engine_history(session_id: UUID | str) -> list[EngineEvent]:
     """The session's log as engine events, for continuing a run."""
     return [
@@ -42,15 +50,3 @@ def engine_history(session_id: UUID | str) -> list[EngineEvent]:
         )
         for row in Event.objects.filter(session_id=session_id).order_by("seq")
     ]
-
-
-def usage_by_agent(session_id: UUID | str) -> list[dict]:
-    """Tokens and cost per agent, most expensive first."""
-    return list(
-        Event.objects.filter(session_id=session_id)
-        .exclude(agent="")
-        .values("agent")
-        .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), cost=Sum("cost_usd"))
-        .filter(Q(prompt__gt=0) | Q(completion__gt=0))
-        .order_by("-cost", "-prompt", "agent")
-    )

@@ -179,7 +179,7 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, w
     still holds the run's lease, so a worker presumed dead cannot add to a
     log another worker has taken over.
     """
-    session = Session.objects.select_for_update().only("pk", "last_seq").get(pk=session_id)
+    session = Session.objects.select_for_update().only("pk", "last_seq", "owner_id", "usage").get(pk=session_id)
     if worker_id and not Run.objects.filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING).exists():
         raise LeaseLostError(f"Worker {worker_id} no longer holds run {run_id}.")
     seq = session.last_seq + 1
@@ -191,6 +191,13 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, w
         changes["prompt_tokens"] = F("prompt_tokens") + event.prompt_tokens
         changes["completion_tokens"] = F("completion_tokens") + event.completion_tokens
         changes["cost_usd"] = F("cost_usd") + cost
+        usage = dict(session.usage or {})
+        mine = dict(usage.get(event.agent or "(unnamed)", {}))
+        mine["prompt"] = mine.get("prompt", 0) + event.prompt_tokens
+        mine["completion"] = mine.get("completion", 0) + event.completion_tokens
+        mine["cost"] = round(mine.get("cost", 0.0) + float(cost), 6)
+        usage[event.agent or "(unnamed)"] = mine
+        changes["usage"] = usage
     Session.objects.filter(pk=session_id).update(**changes)
     row = Event.objects.create(
         session_id=session_id,

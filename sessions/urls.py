@@ -11,7 +11,7 @@ urlpatterns = [
     path("new/", views.session_new, name="new"),
     path("<uuid:session_id>/", views.session_detail, name="detail"),
     path("<uuid:session_id>/continue/", views.session_action, {"action": "continue"}, name="continue"),
-    path("<uuid:session_id>/usage/", views.session_usage, name="usage"),
+    path("<uuid:session_id>/events/", views.session_events, name="events"),
     path("<uuid:session_id>/files/<path:path>", views.session_file, name="file"),
     path("<uuid:session_id>/<slug:action>/", views.session_action, name="action"),
 ]

@@ -56,16 +56,36 @@ def session_new(request: HttpRequest) -> HttpResponse:
 @login_required
 def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
     session = _owned_session(request, session_id)
-    events = selectors.transcript(session.pk)
+    # The latest window only: a session of 10,000 events opens as fast as one of 100; older ones load on scroll.
+    events = selectors.transcript_window(session.pk, limit=settings.TRANSCRIPT_WINDOW)
     return render(
         request,
         "sessions/detail.html",
         {
             "session": session,
             "events": events,
+            "first_seq": events[0].seq if events else 1,
             "last_seq": events[-1].seq if events else 0,
             "pending_approvals": pending_approvals(session),
         },
+    )
+
+
+@require_GET
+@login_required
+def session_events(request: HttpRequest, session_id: UUID) -> HttpResponse:
+    """Older transcript events, a window at a time, before seq ``before`` (with the loader for the next ones)."""
+    session = _owned_session(request, session_id)
+    try:
+        before = int(request.GET.get("before", ""))
+    except ValueError:
+        return HttpResponse("Say which events: ?before=<seq>, a whole number.", status=400, content_type="text/plain")
+    before = max(1, min(before, session.last_seq + 1))
+    events = selectors.transcript_window(session.pk, before=before, limit=settings.TRANSCRIPT_WINDOW)
+    return render(
+        request,
+        "sessions/older.html",
+        {"session": session, "events": events, "first_seq": events[0].seq if events else 1},
     )
 
 
@@ -91,14 +111,6 @@ def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileRespo
     )
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return response
-
-
-@require_GET
-@login_required
-def session_usage(request: HttpRequest, session_id: UUID) -> HttpResponse:
-    """Tokens and cost per agent, read fresh each time the panel opens."""
-    session = _owned_session(request, session_id)
-    return render(request, "sessions/usage.html", {"session": session, "rows": selectors.usage_by_agent(session.pk)})
 
 
 # The controls of a session's lifecycle: each a POST, each a service call.

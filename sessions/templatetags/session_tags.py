@@ -47,3 +47,20 @@ def offered(actions, pending_approvals) -> list:
     if any(request.kind == "budget" for request in pending_approvals or ()):
         return [action for action in actions if action[0] != "continue"]
     return list(actions)
+
+
+@register.filter
+def steps_done(plan) -> int:
+    return sum(1 for step in plan or () if isinstance(step, dict) and step.get("status") in ("done", "skipped"))
+
+
+@register.filter
+def elapsed(session) -> str:
+    """Time since the session started; for a finished one, until its last change (a live page ticks it on)."""
+    from django.utils import timezone
+
+    end = timezone.now() if session.is_live else session.updated_at
+    seconds = max(0, int((end - session.created_at).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

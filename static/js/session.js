@@ -40,4 +40,52 @@
   document.addEventListener("htmx:wsError", function () {
     setState("reconnecting", "reconnecting…");
   });
+
+  // The transcript scrolls on its own: it opens at the newest event, follows
+  // new ones while the reader is at the bottom, and keeps the reader's place
+  // when older events are loaded above.
+  function transcript() {
+    return document.getElementById("transcript");
+  }
+  var following = true;
+  var fromBottom = null;
+
+  function toBottom(t) {
+    t.scrollTop = t.scrollHeight;
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    var t = transcript();
+    if (!t) return;
+    toBottom(t);
+    t.addEventListener("scroll", function () {
+      following = t.scrollHeight - t.scrollTop - t.clientHeight < 80;
+    });
+    new MutationObserver(function () {
+      if (fromBottom !== null) {
+        t.scrollTop = t.scrollHeight - fromBottom; // older events went in above: stay put
+        fromBottom = null;
+      } else if (following) {
+        toBottom(t);
+      }
+    }).observe(t, { childList: true });
+  });
+  document.addEventListener("htmx:beforeSwap", function (evt) {
+    var t = transcript();
+    if (t && evt.detail.target && evt.detail.target.id === "older-events") {
+      fromBottom = t.scrollHeight - t.scrollTop;
+    }
+  });
+
+  // Elapsed time of a live run ticks on between pushes.
+  function pad(n) {
+    return n < 10 ? "0" + n : String(n);
+  }
+  setInterval(function () {
+    var now = Date.now() / 1000;
+    document.querySelectorAll("time.elapsed[data-started]:not([data-ended])").forEach(function (el) {
+      var s = Math.max(0, Math.floor(now - Number(el.getAttribute("data-started"))));
+      var h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+      el.textContent = (h ? h + ":" + pad(m) : String(m)) + ":" + pad(s % 60);
+    });
+  }, 1000);
 })();

@@ -187,7 +187,9 @@ def test_bad_round_budget_is_refused(alice_client, budget):
 
 
 def test_usage_by_agent_sums_tokens_and_cost(alice_client, alice, bob, client):
-    """The usage panel lists each agent's tokens and cost, with the session's totals."""
+    """The glance lists each agent's tokens and cost, with the session's totals, on the page and in every push."""
+    from sessions.fragments import render_push
+    from sessions.models import Event
     from orchestrator.engine.events import EngineEvent, EventKind
 
     session = services.session_start(owner=alice, task="t", mode="one_shot")
@@ -196,12 +198,15 @@ def test_usage_by_agent_sums_tokens_and_cost(alice_client, alice, bob, client):
             session_id=session.pk, run_id=None,
             event=EngineEvent(EventKind.HANDOFF, agent=agent, content="x", prompt_tokens=tokens, completion_tokens=1, cost_usd=cost),
         )
-    body = alice_client.get(reverse("sessions:usage", args=[session.pk])).content.decode()
-    assert "<td>engineer</td><td>150</td><td>2</td><td>$0.75000</td>" in body
-    assert "<td>executor</td><td>10</td><td>1</td><td>$0.00000</td>" in body
-    assert "<th>Total</th><th>160</th><th>3</th><th>$0.75000</th>" in body
+    session.refresh_from_db()
+    pushed = render_push(session, [Event.objects.filter(session=session).latest("seq")])
+    for body in (alice_client.get(session.get_absolute_url()).content.decode(), pushed):
+        assert '<tr data-agent="engineer"><td>engineer</td><td>150</td><td>2</td><td>$0.75000</td></tr>' in body
+        assert '<tr data-agent="executor"><td>executor</td><td>10</td><td>1</td><td>$0.00000</td></tr>' in body
+        assert body.index('<tr data-agent="engineer">') < body.index('<tr data-agent="executor">')  # most expensive first
+        assert '<th scope="row">Total</th><th>160</th><th>3</th><th>$0.75000</th>' in body
     client.force_login(bob)
-    assert client.get(reverse("sessions:usage", args=[session.pk])).status_code == 404
+    assert client.get(session.get_absolute_url()).status_code == 404
 
 
 class TestLifecycleControls:
@@ -241,3 +246,73 @@ class TestLifecycleControls:
         assert client.post(reverse("sessions:action", args=[session.pk, "cancel"])).status_code == 404
         session.refresh_from_db()
         assert session.status == "queued"
+
+
+class TestTranscriptWindow:
+    """A long session opens at its newest window; older events come a window at a time."""
+
+    def _long(self, owner, n=450):
+        from sessions.models import Event
+
+        session = services.session_start(owner=owner, task="long", mode="one_shot")
+        Event.objects.bulk_create(
+            Event(session=session, seq=seq, kind="message", agent="engineer", content=f"message number {seq}", data={})
+            for seq in range(2, n + 1)
+        )
+        Session.objects.filter(pk=session.pk).update(last_seq=n)
+        return session
+
+    @staticmethod
+    def _seqs(html):
+        return [int(s) for s in re.findall(r'<article id="event-\d+" class="[^"]*" data-seq="(\d+)"', html)]
+
+    def test_the_page_shows_the_newest_window_and_a_loader(self, alice_client, alice, settings):
+        settings.TRANSCRIPT_WINDOW = 200
+        session = self._long(alice)
+        html = alice_client.get(session.get_absolute_url()).content.decode()
+        assert self._seqs(html) == list(range(251, 451))
+        assert f"?before=251" in html and "(250 more)" in html
+
+        older = alice_client.get(reverse("sessions:events", args=[session.pk]) + "?before=251").content.decode()
+        assert self._seqs(older) == list(range(51, 251)) and "?before=51" in older and "(50 more)" in older
+        oldest = alice_client.get(reverse("sessions:events", args=[session.pk]) + "?before=51").content.decode()
+        assert self._seqs(oldest) == list(range(1, 51)) and "older-events" not in oldest
+
+    def test_a_short_session_has_no_loader(self, alice_client, alice):
+        session = self._long(alice, n=20)
+        html = alice_client.get(session.get_absolute_url()).content.decode()
+        assert self._seqs(html) == list(range(1, 21)) and "older-events" not in html
+
+    @pytest.mark.parametrize("before", ["", "abc", "1e9", "-5"])
+    def test_bad_or_odd_cursors(self, alice_client, alice, before):
+        session = self._long(alice, n=30)
+        response = alice_client.get(reverse("sessions:events", args=[session.pk]) + f"?before={before}")
+        if before == "-5":
+            assert response.status_code == 200 and self._seqs(response.content.decode()) == []
+        else:
+            assert response.status_code == 400 and "?before=<seq>" in response.content.decode()
+
+    def test_others_get_nothing(self, client, alice, bob):
+        session = self._long(alice, n=30)
+        client.force_login(bob)
+        assert client.get(reverse("sessions:events", args=[session.pk]) + "?before=10").status_code == 404
+
+
+def test_the_glance_shows_plan_progress_phase_step_and_turns(alice_client, alice):
+    from sessions.models import SessionState
+
+    session = services.session_start(owner=alice, task="t", mode="planning_and_control", config={"max_turns": 5})
+    plan = [
+        {"number": 1, "agent": "researcher", "description": "Read <b>about</b> it", "status": "done"},
+        {"number": 2, "agent": "engineer", "description": "Plot it", "status": "running"},
+        {"number": 3, "agent": "engineer", "description": "Fit it", "status": "pending"},
+    ]
+    SessionState.objects.filter(pk=session.pk).update(
+        plan=plan, current_phase="control", current_step=2, engine_state={"turns": 12, "continuations": 2}
+    )
+    html = alice_client.get(session.get_absolute_url()).content.decode()
+    assert 'max="3" value="1"' in html and "Plan: 1 of 3 steps done" in html
+    assert 'data-step="2" data-status="running"' in html and "Read &lt;b&gt;about&lt;/b&gt; it" in html
+    assert re.search(r'data-testid="step">2 of 3<', html) and re.search(r'data-testid="phase">control<', html)
+    assert re.search(r'data-testid="turns"[^>]*>12 <span class="muted">· budget 5 per run, continued 2×</span>', html)
+    assert 'data-testid="elapsed"' in html
