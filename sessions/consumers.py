@@ -18,7 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
 from sessions.fragments import render_push
-from sessions.groups import session_group
+from sessions.groups import owner_group, session_group
 from sessions.models import Session
 from sessions.selectors import events_after, session_for_user
 
@@ -193,3 +193,37 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 self.cursor = cursor
             if count < BATCH:
                 return
+
+
+class SessionListConsumer(AsyncWebsocketConsumer):
+    """The session list's socket: a new status badge and event count whenever one of the user's sessions changes status."""
+
+    joined = ""
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        await self.accept()
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.joined = owner_group(user.pk)
+        await self.channel_layer.group_add(self.joined, self.channel_name)
+
+    async def disconnect(self, code: int) -> None:
+        if self.joined:
+            await self.channel_layer.group_discard(self.joined, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None) -> None:
+        return None  # nothing to say: the list only listens
+
+    async def session_status(self, event: dict) -> None:
+        try:
+            label = Session.Status(event["status"]).label
+        except ValueError:
+            return
+        row = {"pk": event["session"], "status": event["status"], "get_status_display": label, "last_seq": event.get("last_seq", "")}
+        html = render_to_string("sessions/badge.html", {"session": row, "oob": True}) + render_to_string(
+            "sessions/event_count.html", {"session": row, "oob": True}
+        )
+        await self.send(text_data=html)
+

@@ -47,3 +47,11 @@ class SessionForm(forms.Form):
                 f"The task is {len(task):,} characters long; the limit is {limit:,}. Shorten it or attach data later."
             )
         return task
+
+
+class SessionFilterForm(forms.Form):
+    """The session list's filters; an unknown value is ignored rather than an error."""
+
+    q = forms.CharField(required=False, max_length=200, strip=True, label="Search the tasks")
+    status = forms.ChoiceField(required=False, choices=[("", "Any status"), *Session.Status.choices])
+    mode = forms.ChoiceField(required=False, choices=[("", "Any mode"), *Session.Mode.choices])

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Q, QuerySet
 
 from orchestrator.engine.events import EngineEvent, EventKind
 from sessions.models import Event, Session
 
 
-def sessions_of(user) -> QuerySet[Session]:
-    return Session.objects.filter(owner=user)
+def sessions_of(user, *, status: str = "", mode: str = "", search: str = "") -> QuerySet[Session]:
+    """A user's sessions, newest first, optionally of one status and mode, and matching ``search`` in task or title."""
+    sessions = Session.objects.filter(owner=user)
+    if status:
+        sessions = sessions.filter(status=status)
+    if mode:
+        sessions = sessions.filter(mode=mode)
+    for word in search.split()[:8]:
+        sessions = sessions.filter(Q(task__icontains=word) | Q(title__icontains=word))
+    return sessions
 
 
 def session_for_user(session_id: UUID | str, user) -> Session | None:

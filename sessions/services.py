@@ -24,7 +24,7 @@ from django.utils import timezone
 from orchestrator.engine import hitl
 from orchestrator.engine.events import EngineEvent, EventKind
 from sessions.fragments import NOTE_HTML_LIMIT, render_push
-from sessions.groups import WORKER_CHANNEL, session_group
+from sessions.groups import WORKER_CHANNEL, owner_group, session_group
 from sessions.models import Event, Run, Session, SessionState
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,9 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, w
         cost_usd=cost,
     )
     _announce_event(row)
+    if event.kind == EventKind.STATUS:
+        note = {"type": "session.status", "session": str(session_id), "status": changes["status"], "last_seq": seq}
+        transaction.on_commit(lambda: _send("group", owner_group(session.owner_id), note))
     return row
 
 

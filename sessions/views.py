@@ -2,19 +2,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import urlencode
 from uuid import UUID
 
 from django.conf import settings
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.contrib import messages
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from sessions import selectors, services
-from sessions.forms import SessionForm
+from sessions import export, selectors, services
+from sessions.forms import SessionFilterForm, SessionForm
 from sessions.fragments import pending_approvals
 from sessions.models import Session
 
@@ -32,8 +33,16 @@ def _owned_session(request: HttpRequest, session_id: UUID) -> Session:
 @require_GET
 @login_required
 def session_list(request: HttpRequest) -> HttpResponse:
-    page = Paginator(selectors.sessions_of(request.user), 25).get_page(request.GET.get("page"))
-    return render(request, "sessions/list.html", {"page": page})
+    form = SessionFilterForm(request.GET or None)
+    filters = form.cleaned_data if form.is_valid() else {}
+    sessions = selectors.sessions_of(
+        request.user, status=filters.get("status", ""), mode=filters.get("mode", ""), search=filters.get("q", "")
+    )
+    page = Paginator(sessions, 25).get_page(request.GET.get("page"))
+    query = {k: v for k, v in filters.items() if v}
+    context = {"page": page, "form": form, "query": urlencode(query), "filtered": bool(query)}
+    template = "sessions/list.html#rows" if request.htmx and request.headers.get("HX-Target") == "session-rows" else "sessions/list.html"
+    return render(request, template, context)
 
 
 @require_http_methods(["GET", "POST"])
@@ -110,6 +119,27 @@ def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileRespo
         content_type=content_type or "application/octet-stream",
     )
     response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+EXPORTS = {
+    "md": (export.as_markdown, "text/markdown; charset=utf-8"),
+    "json": (export.as_json, "application/json"),
+}
+
+
+@require_GET
+@login_required
+def session_export(request: HttpRequest, session_id: UUID, fmt: str) -> StreamingHttpResponse:
+    """The whole transcript as a download, streamed."""
+    session = _owned_session(request, session_id)
+    if fmt not in EXPORTS:
+        raise Http404("No such format.")
+    render, content_type = EXPORTS[fmt]
+    response = StreamingHttpResponse(render(session), content_type=content_type)
+    response["Content-Disposition"] = f'attachment; filename="session-{session.pk}.{fmt}"'
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response["X-Content-Type-Options"] = "nosniff"
     return response
 
 

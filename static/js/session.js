@@ -27,6 +27,7 @@
   });
   document.addEventListener("htmx:wsOpen", function (evt) {
     setState("live", "live");
+    if (!document.getElementById("transcript")) return; // the session list's socket only listens
     evt.detail.socketWrapper.send(JSON.stringify({ type: "hello", after: lastSeq() }));
   });
   document.addEventListener("htmx:wsClose", function (evt) {

@@ -163,3 +163,29 @@ async def test_next_event_is_sent_as_rendered_and_a_gap_is_read_from_rows(alice)
     await layer.group_send(session_group(session.pk), {"type": "session.event", "seq": 9, "html": "<p>forged</p>"})
     assert await ws.receive_nothing(timeout=0.3)  # seq 9 is a gap with no rows behind it: nothing invented
     await ws.disconnect()
+
+
+async def test_the_session_list_socket_pushes_each_status_badge_to_its_owner_only(alice, bob):
+    mine, theirs = await _start(alice), await _start(bob)
+    alice_ws = _communicator("/ws/sessions/", cookie=await database_sync_to_async(_cookie_for)(alice))
+    bob_ws = _communicator("/ws/sessions/", cookie=await database_sync_to_async(_cookie_for)(bob))
+    assert (await alice_ws.connect())[0] and (await bob_ws.connect())[0]
+
+    @database_sync_to_async
+    def suspend(session, user):
+        services.session_suspend(session_id=session.pk, user=user)
+
+    await suspend(mine, alice)
+    frame = await alice_ws.receive_from(timeout=5)
+    assert f'<span id="badge-{mine.pk}" class="badge badge--suspended" data-status="suspended" hx-swap-oob="true">Suspended</span>' in frame
+    assert f'<span id="session-events-{mine.pk}" hx-swap-oob="true">2</span>' in frame
+    assert await bob_ws.receive_nothing(timeout=0.3)  # another user's session says nothing to bob
+    await suspend(theirs, bob)
+    assert f"badge-{theirs.pk}" in await bob_ws.receive_from(timeout=5)
+    assert await alice_ws.receive_nothing(timeout=0.3)
+    await alice_ws.disconnect()
+    await bob_ws.disconnect()
+
+
+async def test_the_session_list_socket_refuses_the_anonymous():
+    assert await _closed_with(_communicator("/ws/sessions/")) == 4401

@@ -1,6 +1,7 @@
 """Pages: who sees what, and how bad input is answered."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -316,3 +317,95 @@ def test_the_glance_shows_plan_progress_phase_step_and_turns(alice_client, alice
     assert re.search(r'data-testid="step">2 of 3<', html) and re.search(r'data-testid="phase">control<', html)
     assert re.search(r'data-testid="turns"[^>]*>12 <span class="muted">· budget 5 per run, continued 2×</span>', html)
     assert 'data-testid="elapsed"' in html
+
+
+class TestSessionList:
+    def _make(self, owner):
+        made = {}
+        for task, mode, status in [
+            ("Fit the CMB power spectrum", "one_shot", "completed"),
+            ("Plot a damped cosine", "planning_and_control", "failed"),
+            ("Estimate <script>lensing</script> noise", "one_shot", "running"),
+        ]:
+            session = services.session_start(owner=owner, task=task, mode=mode)
+            Session.objects.filter(pk=session.pk).update(status=status)
+            made[task.split()[0]] = session
+        return made
+
+    @staticmethod
+    def _rows(html):
+        return re.findall(r'<tr id="session-row-([0-9a-f-]+)"', html)
+
+    def test_filters_by_status_mode_and_search(self, alice_client, alice, bob):
+        made = self._make(alice)
+        services.session_start(owner=bob, task="Fit the CMB power spectrum too", mode="one_shot")
+        url = reverse("sessions:list")
+        assert len(self._rows(alice_client.get(url).content.decode())) == 3  # bob's is not listed
+        assert self._rows(alice_client.get(url + "?status=failed").content.decode()) == [str(made["Plot"].pk)]
+        assert set(self._rows(alice_client.get(url + "?mode=one_shot").content.decode())) == {str(made["Fit"].pk), str(made["Estimate"].pk)}
+        assert self._rows(alice_client.get(url + "?q=power+SPECTRUM").content.decode()) == [str(made["Fit"].pk)]
+        html = alice_client.get(url + "?q=%3Cscript%3E").content.decode()
+        assert self._rows(html) == [str(made["Estimate"].pk)] and "<script>lensing" not in html
+        assert "No sessions match these filters." in alice_client.get(url + "?q=nothing+like+this").content.decode()
+
+    def test_unknown_filter_values_are_ignored_not_errors(self, alice_client, alice):
+        self._make(alice)
+        response = alice_client.get(reverse("sessions:list") + "?status=exploded&mode=%00&page=zzz")
+        assert response.status_code == 200 and len(self._rows(response.content.decode())) == 3
+
+    def test_pages_keep_the_filters(self, alice_client, alice):
+        for i in range(27):
+            services.session_start(owner=alice, task=f"Task {i}", mode="one_shot")
+        html = alice_client.get(reverse("sessions:list") + "?mode=one_shot").content.decode()
+        assert len(self._rows(html)) == 25 and 'href="?mode=one_shot&amp;page=2"' in html and "27 sessions" in html
+        assert len(self._rows(alice_client.get(reverse("sessions:list") + "?mode=one_shot&page=2").content.decode())) == 2
+
+    def test_htmx_filtering_returns_only_the_rows(self, alice_client, alice):
+        self._make(alice)
+        html = alice_client.get(reverse("sessions:list") + "?status=completed", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="session-rows").content.decode()
+        assert html.lstrip().startswith('<div id="session-rows">') and "<html" not in html and len(self._rows(html)) == 1
+
+
+class TestExport:
+    def _session(self, owner):
+        from orchestrator.engine.events import EngineEvent, EventKind
+
+        session = services.session_start(owner=owner, task="Fit <b>it</b>", mode="one_shot")
+        for event in [
+            EngineEvent(EventKind.MESSAGE, agent="engineer", content="Here is ```` a fence breaker\n# heading", prompt_tokens=5, completion_tokens=2),
+            EngineEvent(EventKind.TOOL_RESULT, agent="executor", content="```\nout\n```", data={"name": "execute_code"}),
+            EngineEvent(EventKind.DECISION, agent="human", content="x", data={"decision": "approve", "by": "alice", "request": "plan", "feedback": "ok"}),
+        ]:
+            services.event_append(session_id=session.pk, run_id=None, event=event)
+        return session
+
+    def _body(self, response) -> str:
+        return b"".join(response.streaming_content).decode()
+
+    def test_json_has_every_event_in_order(self, alice_client, alice):
+        session = self._session(alice)
+        response = alice_client.get(reverse("sessions:export", args=[session.pk, "json"]))
+        assert response["Content-Type"] == "application/json"
+        assert response["Content-Disposition"] == f'attachment; filename="session-{session.pk}.json"'
+        data = json.loads(self._body(response))
+        assert data["session"]["task"] == "Fit <b>it</b>" and data["session"]["events"] == 4
+        assert [e["seq"] for e in data["events"]] == [1, 2, 3, 4]
+        assert data["events"][1]["content"].startswith("Here is ````") and data["events"][1]["prompt_tokens"] == 5
+        assert data["session"]["usage"] == {"engineer": {"prompt": 5, "completion": 2, "cost": 0.0}}
+
+    def test_markdown_has_every_event_and_fences_hold(self, alice_client, alice):
+        session = self._session(alice)
+        response = alice_client.get(reverse("sessions:export", args=[session.pk, "md"]))
+        assert response["Content-Type"].startswith("text/markdown")
+        body = self._body(response)
+        assert body.startswith("# Fit <b>it</b>\n") and "## Task\n\nFit <b>it</b>" in body
+        assert [int(n) for n in re.findall(r"^#### (\d+) · ", body, re.M)] == [1, 2, 3, 4]
+        assert "````\n```\nout\n```\n````" in body  # the output's own fence cannot end the block
+        assert "**Decision: approve** by alice on the plan request\n\n> ok" in body
+
+    def test_others_and_unknown_formats_get_404(self, client, alice, bob):
+        session = self._session(alice)
+        client.force_login(bob)
+        assert client.get(reverse("sessions:export", args=[session.pk, "json"])).status_code == 404
+        client.force_login(alice)
+        assert client.get(reverse("sessions:export", args=[session.pk, "pdf"])).status_code == 404
