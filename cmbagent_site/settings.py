@@ -134,7 +134,8 @@ def _database() -> dict:
             }
         )
         # A file, not shared-cache memory: threads in tests then lock like real processes do.
-        db.setdefault("TEST", {}).setdefault("NAME", str(VAR_DIR / "test.sqlite3"))
+        # One per test process, so that two test runs in one checkout never share it.
+        db.setdefault("TEST", {}).setdefault("NAME", str(VAR_DIR / f"test-{os.getpid()}.sqlite3"))
     return db
 
 

@@ -30,9 +30,23 @@ class SessionForm(forms.Form):
         help_text="Budgets to continue past without asking (a hard ceiling).",
     )
 
+    approve_code = forms.BooleanField(required=False, label="Ask before running code", help_text="Allow, deny or edit each piece of code before it runs.")
+    approve_errors = forms.BooleanField(required=False, label="Ask when code fails", help_text="Retry, skip or abort instead of the team deciding.")
+    chat = forms.BooleanField(
+        required=False, label="Chat with the team", help_text="Copilot mode: after each answer, the team waits for your next message."
+    )
+
+    OPTIONS = ("approve_code", "approve_errors", "chat")
+
+    def clean(self):
+        data = super().clean()
+        if data.get("chat") and data.get("mode") != Session.Mode.COPILOT:
+            self.add_error("chat", "Chat is a copilot-mode option; choose the copilot mode or clear it.")
+        return data
+
     def session_kwargs(self) -> dict:
         data = self.cleaned_data
-        config = {}
+        config = {option: True for option in self.OPTIONS if data.get(option)}
         if data.get("max_rounds"):
             config["max_turns"] = data["max_rounds"]
             if data.get("auto_continue"):

@@ -13,6 +13,7 @@ def waiting_session(owner, *, kind="plan", config=None):
         "step": ["continue", "skip", "redo", "abort"],
         "code": ["allow", "allow_session", "deny", "edit"],
         "budget": ["continue", "stop"],
+        "copilot_turn": ["reply", "finish"],
     }[kind]
     data = {"request": kind, "options": options, "plan": [{"number": 1, "agent": "engineer", "description": "Plot it", "status": "pending"}]}
     services.event_append(

@@ -409,3 +409,23 @@ class TestExport:
         assert client.get(reverse("sessions:export", args=[session.pk, "json"])).status_code == 404
         client.force_login(alice)
         assert client.get(reverse("sessions:export", args=[session.pk, "pdf"])).status_code == 404
+
+
+def test_human_in_the_loop_options_reach_the_session_config(alice_client, alice):
+    response = alice_client.post(reverse("sessions:new"), {"task": "t", "mode": "copilot", "approve_code": "on", "chat": "on"})
+    assert response.status_code == 302
+    assert Session.objects.get(owner=alice).config == {"approve_code": True, "chat": True}
+
+
+def test_chat_outside_copilot_is_refused(alice_client, alice):
+    response = alice_client.post(reverse("sessions:new"), {"task": "t", "mode": "one_shot", "chat": "on"})
+    assert response.status_code == 400 and "Chat is a copilot-mode option" in response.content.decode()
+    assert not Session.objects.exists()
+
+
+def test_a_copilot_chat_turn_is_a_message_box_on_the_page(alice_client, alice):
+    from tests.approvals.helpers import waiting_session
+
+    session = waiting_session(alice, kind="copilot_turn")
+    html = alice_client.get(session.get_absolute_url()).content.decode()
+    assert "Your next message to the team" in html and 'data-decision="reply"' in html and 'data-decision="finish"' in html
