@@ -31,6 +31,9 @@ class ApprovalQueueConsumer(AsyncWebsocketConsumer):
         self.params = QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
         await self.channel_layer.group_add(QUEUE_GROUP, self.channel_name)
         self.joined = True
+        # The queue as it is now: whatever came or went between the page's render and this
+        # socket (or during a reconnect) is never missed.
+        await self.send(text_data=await self._rows())
 
     async def disconnect(self, code: int) -> None:
         if self.joined:

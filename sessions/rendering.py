@@ -24,11 +24,17 @@ ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "span": {"class"}, "div": {"class"
 _FORMATTER = HtmlFormatter(nowrap=True)
 
 
-def _highlight(code: str, lang: str, _attrs: str) -> str:
+@lru_cache(maxsize=64)
+def _lexer(lang: str):
+    """Looking a lexer up by name scans Pygments' registry; the lexers themselves are stateless, so keep them."""
     try:
-        lexer = get_lexer_by_name(lang or "text")
+        return get_lexer_by_name(lang or "text")
     except ClassNotFound:
-        lexer = get_lexer_by_name("text")
+        return get_lexer_by_name("text")
+
+
+def _highlight(code: str, lang: str, _attrs: str) -> str:
+    lexer = _lexer((lang or "text").strip().lower()[:40])
     return f'<pre class="highlight"><code>{highlight(code, lexer, _FORMATTER)}</code></pre>'
 
 

@@ -365,17 +365,33 @@ def session_suspend(*, session_id: UUID | str, user) -> Session:
     return _stop(session_id, user, Run.Status.SUSPENDED)
 
 
-def queue_answer(session_id: UUID | str, answer: hitl.Answer, *, request_id: str = "", door: str = "") -> Run:
-    """Queue the run that applies a decided answer (called by the approval service, in its transaction)."""
+def queue_answer(session_id: UUID | str, answer: hitl.Answer, *, request_id: str = "", door: str = "") -> Run | None:
+    """Queue the run that applies a decided answer (called by the approval service, in its transaction).
+
+    None when the run that asked is still ending: it applies the decision as it finishes.
+    """
     from sessions import selectors  # selectors import models only; kept local to avoid a cycle at import
 
     session = Session.objects.select_for_update().get(pk=session_id)
     request = hitl.open_request(selectors.engine_history(session.pk))
-    budget = request is not None and hitl.is_budget(request)
+    if request is None:
+        raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
+    budget = hitl.is_budget(request)
+    if session.status == Session.Status.RUNNING:
+        # The request is the last thing the run wrote and its run is ending: the
+        # decision stands (the caller records it) and is applied as that run finishes.
+        try:
+            hitl.validate(request, answer)
+        except hitl.AnswerError as exc:
+            raise SessionError(str(exc)) from exc
+        return None
     if session.status != (Session.Status.PAUSED if budget else Session.Status.WAITING_APPROVAL):
         raise SessionError(f"This session is not waiting for an answer; it is {session.get_status_display().lower()}.")
-    if request is None:
-        raise SessionError("This session has no open request.")
+    return _queue_answer_now(session, request, answer, request_id=request_id, door=door)
+
+
+def _queue_answer_now(session: Session, request: EngineEvent, answer: hitl.Answer, *, request_id: str, door: str) -> Run:
+    budget = hitl.is_budget(request)
     if budget and answer.decision == "continue":
         _check_resumable(session)  # as Continue always did: a broken state or model is refused, with its cause
     try:
@@ -508,5 +524,43 @@ def run_finish(*, run_id: int, worker_id: str, status: str, detail: str = "") ->
         run.lease_expires_at = None
         run.save(update_fields=["status", "stop_request", "error", "finished_at", "lease_owner", "lease_expires_at"])
         _append(run.session_id, run_id=run.pk, event=_status_event(status, detail))
+        if status in (Run.Status.WAITING_APPROVAL, Run.Status.PAUSED):
+            _apply_early_decision(run.session_id)
     logger.info("run %s finished: %s %s", run_id, status, detail)
     return run
+
+
+def _apply_early_decision(session_id: UUID | str) -> Run | None:
+    """Queue the run for a request decided while the run that asked it was still ending (holding the session lock)."""
+    from approvals.models import ApprovalRequest
+    from sessions import selectors
+
+    request = hitl.open_request(selectors.engine_history(session_id))
+    if request is None:
+        return None
+    early = (
+        ApprovalRequest.objects.filter(session_id=session_id, status__in=["decided", "expired"], event_seq__isnull=False)
+        .select_related("decided_by")
+        .order_by("-event_seq")
+        .first()
+    )
+    if early is None or not _asks(early, request):
+        return None
+    session = Session.objects.get(pk=session_id)
+    by = early.decided_by.get_username() if early.decided_by else "timeout policy"
+    answer = hitl.Answer(early.decision, early.feedback, early.edits, by=by)
+    logger.info("session %s: applying %s, decided by %s while its run was ending", session_id, early.decision, by)
+    try:
+        return _queue_answer_now(session, request, answer, request_id=str(early.pk), door=early.door)
+    except SessionError as exc:
+        # The run still ends as it asked; the cause is in the log for whoever looks next.
+        _append(session_id, run_id=None, event=EngineEvent(EventKind.ERROR, content=f"The decision could not be applied: {exc}"))
+        return None
+
+
+def _asks(row, request: EngineEvent) -> bool:
+    """Whether approval request ``row`` is the one the log's open ``request`` event asks."""
+    from sessions.models import Event
+
+    seq = Event.objects.filter(session_id=row.session_id, kind="approval").order_by("-seq").values_list("seq", flat=True).first()
+    return row.event_seq == seq and row.kind == request.data.get("request")

@@ -5,7 +5,8 @@ from orchestrator.engine.events import EngineEvent, EventKind
 from sessions import services
 
 
-def waiting_session(owner, *, kind="plan", config=None):
+def waiting_session(owner, *, kind="plan", config=None, finish=True):
+    """A session whose run asked a person (``finish=False``: the run that asked is still ending)."""
     session = services.session_start(owner=owner, task="Plot a damped cosine", mode="hitl_plan", config=config or {})
     run = services.run_claim(worker_id="w-helper", lease_seconds=30, run_id=session.runs.get().pk)
     options = {
@@ -20,7 +21,8 @@ def waiting_session(owner, *, kind="plan", config=None):
         session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.APPROVAL, agent="plan_reviewer", content="Approve the plan?", data=data),
         checkpoint={}, worker_id="w-helper",
     )
-    status = "paused" if kind == "budget" else "waiting_approval"  # a spent budget pauses the session
-    services.run_finish(run_id=run.pk, worker_id="w-helper", status=status, detail="waiting")
+    if finish:
+        status = "paused" if kind == "budget" else "waiting_approval"  # a spent budget pauses the session
+        services.run_finish(run_id=run.pk, worker_id="w-helper", status=status, detail="waiting")
     session.refresh_from_db()
     return session

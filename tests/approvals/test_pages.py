@@ -60,6 +60,8 @@ def test_staff_queue_lists_filters_and_decides_in_place(client, alice, approver)
 async def test_queue_socket_updates_live_and_refuses_outsiders(alice, bob, approver):
     ws = _communicator("/ws/approvals/?kind=plan", cookie=await database_sync_to_async(_cookie_for)(approver))
     assert (await ws.connect())[0]
+    first = await ws.receive_from(timeout=5)  # the queue as it is on connect (also after a reconnect)
+    assert 'id="approval-rows"' in first and "Nothing is waiting" in first
     session = await database_sync_to_async(waiting_session)(alice)
     html = await ws.receive_from(timeout=5)
     request = await database_sync_to_async(ApprovalRequest.objects.get)(session=session)

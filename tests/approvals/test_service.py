@@ -140,3 +140,25 @@ def test_cancelling_the_session_cancels_its_requests(alice):
     assert request.status == "cancelled" and "cancelled by alice" in request.audit[-1]["why"]
     with pytest.raises(approvals.AlreadyDecided, match="cancelled"):
         approvals.decide(request.pk, user=alice, decision="approve")
+
+
+@pytest.mark.parametrize("kind, decision, ends_as", [("plan", "approve", "waiting_approval"), ("budget", "stop", "paused")])
+def test_a_decision_taken_while_the_asking_run_is_ending_is_applied_when_it_ends(alice, approver, kind, decision, ends_as):
+    """The card appears as the request is written; the run finishes a moment later. A quick decider is not refused."""
+    session = waiting_session(alice, kind=kind, finish=False)
+    run = Run.objects.get(session=session)
+    assert run.status == "running"
+    request = ApprovalRequest.objects.get(session=session)
+    approvals.decide(request.pk, user=approver, decision=decision, door=Door.STAFF_QUEUE)
+    request.refresh_from_db()
+    assert (request.status, request.decision) == ("decided", decision)
+    assert Run.objects.filter(session=session).count() == 1  # nothing queued beside a run still going
+
+    services.run_finish(run_id=run.pk, worker_id="w-helper", status=ends_as, detail="asked")
+    queued = Run.objects.get(session=session, status="queued")
+    assert queued.answer["decision"] == decision and queued.answer["by"] == "carol"
+    session.refresh_from_db()
+    assert session.status == "queued"  # the decision went on at once, no second click
+    with pytest.raises(approvals.AlreadyDecided):
+        approvals.decide(request.pk, user=alice, decision=decision)
+
