@@ -61,6 +61,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 @dataclass
 class Plan:
     sessions: int = 50
+    sockets: int = 2  # per session in the N-session scenario: two browsers' worth
     single_events: int = 200
     single_interval_ms: float = 20.0  # 50 events/s into one session
     multi_events: int = 40
@@ -413,24 +414,28 @@ class Side:
 
     kind: str
     server: Server
-    clients: list[Client]
+    clients: list[Client]  # target i's sockets are clients[i * per_target : (i + 1) * per_target]
     targets: list
+    per_target: int = 1
     stamps: list[tuple[int, int, int]] = field(default_factory=list)
     cpu_s: float = 0.0
     span_s: float = 0.0
 
+    def watching(self, i: int) -> list[Client]:
+        return self.clients[i * self.per_target : (i + 1) * self.per_target]
+
     def missing(self, stamps) -> bool:
-        return any(seq not in self.clients[i].arrivals for i, seq, _ in stamps)
+        return any(seq not in c.arrivals for i, seq, _ in stamps for c in self.watching(i))
 
     def result(self, scenario: str, interval_ms: float) -> Result:
         lat = sorted(
-            (self.clients[i].arrivals[seq] - t) / 1e6 for i, seq, t in self.stamps if seq in self.clients[i].arrivals
+            (c.arrivals[seq] - t) / 1e6 for i, seq, t in self.stamps for c in self.watching(i) if seq in c.arrivals
         )
         frames = [b for c in self.clients for b in c.frame_bytes]
         return Result(
-            scenario=scenario, kind=self.kind, sessions=len(self.clients), expected=len(self.stamps),
+            scenario=scenario, kind=self.kind, sessions=len(self.targets), expected=len(self.stamps) * self.per_target,
             received=len(lat), p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
-            max_ms=lat[-1] if lat else math.nan, offered_per_s=len(self.clients) * 1000 / interval_ms,
+            max_ms=lat[-1] if lat else math.nan, offered_per_s=len(self.targets) * 1000 / interval_ms,
             achieved_per_s=len(self.stamps) / max(self.span_s, 1e-9),
             server_cpu_ms_per_event=self.cpu_s * 1000 / max(len(self.stamps), 1),
             fragment_bytes=sum(frames) / len(frames) if frames else math.nan,
@@ -440,15 +445,15 @@ class Side:
 
 async def run_scenario(
     name: str, *, app: Server, bare: Server, producer: Producer, cookie: str, app_targets: list,
-    bare_names: list[str], n: int, interval_ms: float, rounds: int, drain_s: float,
+    bare_names: list[str], n: int, interval_ms: float, rounds: int, drain_s: float, sockets: int = 1,
 ) -> tuple[Result, Result]:
     """Both paths with all their clients connected; rounds alternate bare/app so drift hits both alike."""
     loop = asyncio.get_running_loop()
     sides = {
         "app": Side("app", app, [Client(f"/ws/sessions/{sid}/", app.port, cookie=cookie, ready_seq=1)
-                                 for sid, _ in app_targets], app_targets),
+                                 for sid, _ in app_targets for _ in range(sockets)], app_targets, sockets),
         "bare": Side("bare", bare, [Client(f"/ws/bare/{g}/", bare.port, cookie=None, ready_seq=None)
-                                    for g in bare_names], [f"bench-bare.{g}" for g in bare_names]),
+                                    for g in bare_names for _ in range(sockets)], [f"bench-bare.{g}" for g in bare_names], sockets),
     }
     await asyncio.gather(*(c.connect() for side in sides.values() for c in side.clients))
     await asyncio.sleep(0.2)  # let the handshakes' after-work settle
@@ -475,8 +480,8 @@ async def run_scenario(
         res = sides[kind].result(name, interval_ms)
         if res.received < res.expected:
             side = sides[kind]
-            lost = [(i, seq) for i, seq, _ in side.stamps if seq not in side.clients[i].arrivals]
-            codes = sorted({side.clients[i].close_code for i, _ in lost}, key=str)
+            lost = [(i, seq) for i, seq, _ in side.stamps for c in side.watching(i) if seq not in c.arrivals]
+            codes = sorted({c.close_code for i, _ in lost for c in side.watching(i)}, key=str)
             print(f"  warning: {name}/{kind}: {len(lost)} of {res.expected} events never arrived "
                   f"(session, seq): {lost[:12]}; close codes of those sockets: {codes}", file=sys.stderr)
         print(f"  {name:>12} {kind:4}  p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:7.2f} ms  ({res.received} events)",
@@ -502,6 +507,7 @@ def make_fixtures(n_sessions: int, token: str, fragment_file: Path) -> dict:
     from orchestrator.engine.events import EngineEvent, EventKind
     from sessions import services
     from sessions.models import Run, Session
+    from sessions.fragments import render_push
     from sessions.selectors import events_after
 
     user = get_user_model().objects.create_user(username=f"push-bench-{token}")
@@ -523,7 +529,7 @@ def make_fixtures(n_sessions: int, token: str, fragment_file: Path) -> dict:
                           data={"role": "assistant"}, prompt_tokens=120, completion_tokens=80),
     )
     session = Session.objects.select_related("state").get(pk=warmup[0])
-    html = render_to_string("sessions/push.html", {"events": events_after(warmup[0], row.seq - 1), "session": session})
+    html = render_push(session, events_after(warmup[0], row.seq - 1))
     for needle in (f'id="event-{row.seq}"', f'data-seq="{row.seq}"', f'data-testid="event-count">{row.seq}<'):
         if needle not in html:
             raise RuntimeError(f"the rendered fragment lacks {needle!r}; bench/push_latency.py needs updating")
@@ -576,15 +582,15 @@ def _table(cols: list[str], rows: list[list[str]]) -> None:
 async def run_all(plan: Plan, fx: dict, app: Server, bare: Server, producer: Producer, token: str) -> dict:
     results: dict[tuple[str, str], Result] = {}
     scenarios = [
-        ("warm-up", [fx["warmup"]], plan.warmup_events, plan.single_interval_ms, 1, False),
-        ("1 session", [fx["single"]], plan.single_events, plan.single_interval_ms, plan.rounds, True),
-        (f"{plan.sessions} sessions", fx["multi"], plan.multi_events, plan.multi_interval_ms, plan.rounds, True),
+        ("warm-up", [fx["warmup"]], plan.warmup_events, plan.single_interval_ms, 1, False, 1),
+        ("1 session", [fx["single"]], plan.single_events, plan.single_interval_ms, plan.rounds, True, 1),
+        (f"{plan.sessions} sessions", fx["multi"], plan.multi_events, plan.multi_interval_ms, plan.rounds, True, plan.sockets),
     ]
-    for s, (name, targets, n, interval_ms, rounds, keep) in enumerate(scenarios):
+    for s, (name, targets, n, interval_ms, rounds, keep, sockets) in enumerate(scenarios):
         app_result, bare_result = await run_scenario(
             name, app=app, bare=bare, producer=producer, cookie=fx["cookie"], app_targets=targets,
             bare_names=[f"{token}-s{s}-{i}" for i in range(len(targets))], n=n, interval_ms=interval_ms,
-            rounds=rounds, drain_s=plan.drain_s,
+            rounds=rounds, drain_s=plan.drain_s, sockets=sockets,
         )
         if keep:
             results[(name, "app")], results[(name, "bare")] = app_result, bare_result
@@ -599,13 +605,14 @@ def main() -> int:
     parser.add_argument("--single-interval-ms", type=float, help="ms between events of the 1-session scenario")
     parser.add_argument("--multi-events", type=int, help="events per session in the N-session scenario")
     parser.add_argument("--multi-interval-ms", type=float, help="ms between events of each session, N-session scenario")
+    parser.add_argument("--sockets", type=int, help="sockets watching each session in the N-session scenario (default 2)")
     parser.add_argument("--rounds", type=int, help="alternate bare/app this many times per scenario (default 4)")
     parser.add_argument("--json", type=Path, help="also write the results (with every latency) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (database, server logs)")
     args = parser.parse_args()
 
     plan = Plan.quick() if args.quick else Plan()
-    for name in ("sessions", "single_events", "single_interval_ms", "multi_events", "multi_interval_ms", "rounds"):
+    for name in ("sessions", "sockets", "single_events", "single_interval_ms", "multi_events", "multi_interval_ms", "rounds"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
 
@@ -677,7 +684,7 @@ def main() -> int:
             f"channel layer channels_redis at {redis_url}; fragment {fx['fragment_bytes']} bytes",
             f"1 session: {plan.single_events} events, one every {plan.single_interval_ms:g} ms; "
             f"{plan.sessions} sessions: {plan.multi_events} events each, one every {plan.multi_interval_ms:g} ms "
-            f"per session (sessions out of phase)",
+            f"per session (sessions out of phase), {plan.sockets} sockets watching each",
             f"each scenario in {plan.rounds} rounds alternating bare/app; "
             f"Python {platform.python_version()}, {versions()}",
             f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "

@@ -151,9 +151,9 @@ else:
 EMBEDDED_WORKER = _flag("EMBEDDED_WORKER", True)
 WORKER_MAX_RUNS = int(os.environ.get("WORKER_MAX_RUNS", "4"))
 WORKER_LEASE_SECONDS = int(os.environ.get("WORKER_LEASE_SECONDS", "30"))
-# Approval requests: seconds until the expiry policy applies (0: never), and that policy.
 # The session page shows this many of the newest events and loads older ones as the reader scrolls up.
 TRANSCRIPT_WINDOW = int(os.environ.get("TRANSCRIPT_WINDOW", "200"))
+# Approval requests: seconds until the expiry policy applies (0: never), and that policy.
 APPROVAL_TIMEOUT_SECONDS = int(os.environ.get("APPROVAL_TIMEOUT_SECONDS", "0"))
 APPROVAL_EXPIRY_POLICY = os.environ.get("APPROVAL_EXPIRY_POLICY", "pending")  # reject, approve or pending
 # Address-space limit of each run's process (the engine); executed code has its own, smaller limits.
