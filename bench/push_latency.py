@@ -632,6 +632,7 @@ def main() -> int:
             "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(50),
             "BENCH_FRAGMENT_FILE": str(tmp / "fragment.html"),
             "PYTHONUNBUFFERED": "1",
+            "MAX_LIVE_RUNS_PER_USER": "0",  # one bench user holds every session
         }
     )
     env = dict(os.environ)

@@ -160,6 +160,9 @@ APPROVAL_EXPIRY_POLICY = os.environ.get("APPROVAL_EXPIRY_POLICY", "pending")  # 
 RUN_MEMORY_LIMIT_MB = int(os.environ.get("RUN_MEMORY_LIMIT_MB", "4096"))
 RUNS_DIR = Path(os.environ.get("RUNS_DIR", VAR_DIR / "runs"))
 TASK_MAX_CHARS = 20_000
+# Per user: sessions queued or running at once (0: no limit); socket messages a page may send per second.
+MAX_LIVE_RUNS_PER_USER = int(os.environ.get("MAX_LIVE_RUNS_PER_USER", "10"))
+SOCKET_MESSAGES_PER_SECOND = float(os.environ.get("SOCKET_MESSAGES_PER_SECOND", "20"))
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 from django.template.loader import render_to_string
 
 from sessions.fragments import render_push
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+CLOSE_TOO_MANY = 4429
+BURST = 60  # messages a page may send at once before the per-second rate applies
 BATCH = 200
 MAX_FRAME = 64 * 1024  # control frames, and decisions with their feedback and edits
 # Frames of the older CMBAgent client, accepted and routed through the one approval service.
@@ -116,7 +120,22 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
+    def _over_rate(self) -> bool:
+        """A token bucket per socket: BURST at once, then SOCKET_MESSAGES_PER_SECOND."""
+        now = time.monotonic()
+        rate = settings.SOCKET_MESSAGES_PER_SECOND
+        tokens, last = getattr(self, "_bucket", (float(BURST), now))
+        tokens = min(float(BURST), tokens + (now - last) * rate) - 1
+        self._bucket = (tokens, now)
+        return tokens < 0
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self._over_rate():
+            logger.warning("session socket %s: user %s sent too many messages; closing", self.session_id, self.scope["user"].pk)
+            html = render_to_string("sessions/socket_error.html", {"message": "This page sent too many messages too fast; reload it to reconnect."})
+            await self.send(text_data=html)
+            await self.close(code=CLOSE_TOO_MANY)
+            return
         if text_data is None or len(text_data) > MAX_FRAME:
             await self._reject_frame("frames must be short JSON text")
             return

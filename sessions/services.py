@@ -149,6 +149,7 @@ def session_start(
         raise SessionError(f"Unknown mode {mode!r}; choose one of: {', '.join(Session.Mode.values)}.")
     title = (title.strip() or " ".join(task.split())[:80]).strip()
     with transaction.atomic():
+        _check_live_limit(owner)
         session = Session.objects.create(
             owner=owner,
             task=task,
@@ -164,6 +165,19 @@ def session_start(
     session.refresh_from_db()
     logger.info("session %s started by user %s in mode %s", session.pk, owner.pk, mode)
     return session
+
+
+def _check_live_limit(user) -> None:
+    """Refuse one more live run for a user who already has the most allowed (queued or running)."""
+    limit = settings.MAX_LIVE_RUNS_PER_USER
+    if not limit:
+        return
+    live = Session.objects.filter(owner=user, status__in=[Session.Status.QUEUED, Session.Status.RUNNING]).count()
+    if live >= limit:
+        raise SessionError(
+            f"You have {live} sessions queued or running, the most allowed at once ({limit}). "
+            "Wait for one to finish, or suspend or cancel one."
+        )
 
 
 def _status_event(status: str, detail: str = "") -> EngineEvent:
@@ -292,6 +306,7 @@ def _go_on(session_id: UUID | str, user, *, required: str, verb: str, detail: st
         if session.status != required:
             label = Session.Status(required).label.lower()
             raise SessionError(f"Only a {label} session can be {verb}; this one is {session.get_status_display().lower()}.")
+        _check_live_limit(user)
         _check_resumable(session)
         run = _queue_next(session, detail)
     logger.info("session %s %s by user %s (run %d)", session.pk, verb, user.pk, run.number)

@@ -8,6 +8,7 @@
     4401: "Logged out. Log in again and reload the page.",
     4403: "Access refused for this session.",
     4404: "No such session.",
+    4429: "Too many messages from this page; reload it to reconnect.",
   };
 
   function lastSeq() {
@@ -25,7 +26,20 @@
   document.addEventListener("htmx:wsConnecting", function () {
     setState("connecting", "connecting…");
   });
+  // A heartbeat through proxies that close idle sockets; the server's pong is not HTML.
+  var socket = null;
+  setInterval(function () {
+    if (socket && document.getElementById("transcript")) socket.send(JSON.stringify({ type: "ping" }));
+  }, 25000);
+  document.addEventListener("htmx:wsBeforeMessage", function (evt) {
+    if (typeof evt.detail.message === "string" && evt.detail.message.indexOf('{"type": "pong"') === 0) evt.preventDefault();
+  });
+  document.addEventListener("htmx:wsClose", function () {
+    socket = null;
+  });
+
   document.addEventListener("htmx:wsOpen", function (evt) {
+    socket = evt.detail.socketWrapper;
     setState("live", "live");
     if (!document.getElementById("transcript")) return; // the session list's socket only listens
     evt.detail.socketWrapper.send(JSON.stringify({ type: "hello", after: lastSeq() }));

@@ -1,6 +1,7 @@
 """The session socket through the real ASGI stack: origin check, auth, catch-up, pushes."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -189,3 +190,16 @@ async def test_the_session_list_socket_pushes_each_status_badge_to_its_owner_onl
 
 async def test_the_session_list_socket_refuses_the_anonymous():
     assert await _closed_with(_communicator("/ws/sessions/")) == 4401
+
+
+async def test_a_page_that_floods_its_socket_is_told_and_closed(alice, settings):
+    settings.SOCKET_MESSAGES_PER_SECOND = 5
+    session = await _start(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=await database_sync_to_async(_cookie_for)(alice))
+    assert (await ws.connect())[0]
+    for _ in range(60):  # the burst is allowed
+        await ws.send_json_to({"type": "ping"})
+        assert json.loads(await ws.receive_from(timeout=5)) == {"type": "pong"}
+    await ws.send_json_to({"type": "ping"})
+    assert "too many messages too fast" in await ws.receive_from(timeout=5)
+    assert (await ws.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4429}

@@ -193,3 +193,16 @@ class TestRunLease:
         session.refresh_from_db()
         assert (run.status, run.error, session.status) == ("failed", "boom", "failed")
         assert run.finished_at is not None
+
+
+def test_a_user_may_have_only_so_many_live_sessions(alice, bob, settings):
+    settings.MAX_LIVE_RUNS_PER_USER = 3
+    started = [services.session_start(owner=alice, task=f"t{i}", mode="one_shot") for i in range(3)]
+    with pytest.raises(services.SessionError, match=r"You have 3 sessions queued or running, the most allowed at once \(3\)"):
+        services.session_start(owner=alice, task="one more", mode="one_shot")
+    services.session_start(owner=bob, task="bob's own", mode="one_shot")  # the limit is per user
+    services.session_suspend(session_id=started[0].pk, user=alice)
+    services.session_start(owner=alice, task="now there is room", mode="one_shot")
+    with pytest.raises(services.SessionError, match="the most allowed at once"):
+        services.session_resume(session_id=started[0].pk, user=alice)  # resuming would make four
+    assert Session.objects.filter(owner=alice).count() == 4

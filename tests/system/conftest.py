@@ -55,6 +55,7 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
             "WORKER_LEASE_SECONDS": "6",
             "CMBAGENT_OFFLINE_LATENCY": "0.03",
+            "MAX_LIVE_RUNS_PER_USER": "0",  # one user starts every session of these tests
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
