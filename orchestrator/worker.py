@@ -24,6 +24,7 @@ from pathlib import Path
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.hitl import Policy
@@ -51,6 +52,19 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _database_unreachable(exc: BaseException) -> bool:
+    """The database cannot be reached (restarting, failing over, a dropped connection): not the run's fault.
+
+    A lost or refused connection carries no SQLSTATE, or one of class 08
+    (connection exception) or 57P (the server is shutting down or starting);
+    any other error (a statement the server rejected) is the run's own failure.
+    """
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+    return not sqlstate or sqlstate.startswith(("08", "57P"))
 
 
 def _unapplied_migrations() -> list:
@@ -207,7 +221,6 @@ class RunWorker:
 
         ``observer``, if given, sees each Event row after it is committed.
         """
-        session = await _load_session(run.session_id)
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
         append = database_sync_to_async(services.event_append)
         status, detail = Run.Status.FAILED, ""
@@ -215,6 +228,7 @@ class RunWorker:
         child: EngineProcess | None = None
         watch: asyncio.Task[None] | None = None
         try:
+            session = await _load_session(run.session_id)
             # A continued or taken-over run goes on from the log: nothing repeated.
             history = await database_sync_to_async(selectors.engine_history)(session.pk)
             spec = {
@@ -293,8 +307,18 @@ class RunWorker:
             stop["lost"] = "lease"
             logger.warning("worker %s: run %s was taken over; stopping its process", self.worker_id, run.pk)
         except Exception as exc:  # noqa: BLE001 - recorded as the run's failure, with its cause
-            logger.exception("run %s failed", run.pk)
-            detail = f"{type(exc).__name__}: {exc}"
+            if _database_unreachable(exc):
+                # Not a failure of the run, and nothing it did is lost: every committed event is in
+                # its log. Its lease is no longer renewed; when it runs out, a worker (this one too)
+                # takes the run over and goes on from the log, once the database answers again.
+                stop["lost"] = "database"
+                logger.warning(
+                    "worker %s: run %s lost the database (%s: %s); it goes on from its log when its lease runs out",
+                    self.worker_id, run.pk, type(exc).__name__, exc,
+                )
+            else:
+                logger.exception("run %s failed", run.pk)
+                detail = f"{type(exc).__name__}: {exc}"
         finally:
             self.children.pop(run.pk, None)
             if watch is not None:
@@ -304,6 +328,15 @@ class RunWorker:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(child.wait())
             if not stop.get("lost"):
-                await database_sync_to_async(services.run_finish)(
-                    run_id=run.pk, worker_id=self.worker_id, status=status, detail=detail
-                )
+                try:
+                    await database_sync_to_async(services.run_finish)(
+                        run_id=run.pk, worker_id=self.worker_id, status=status, detail=detail
+                    )
+                except Exception as exc:
+                    if not _database_unreachable(exc):
+                        raise
+                    # Unrecorded, so still running under a lease no one renews: taken over from the log when it runs out.
+                    logger.warning(
+                        "worker %s could not record the end of run %s (%s: %s); it is taken over when its lease runs out",
+                        self.worker_id, run.pk, type(exc).__name__, exc,
+                    )

@@ -15,6 +15,7 @@ test database are unrelated to the server's. The database truth is read with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -60,6 +61,10 @@ class Account:
 
 ALICE = Account("alice", "alice-e2e-Pa55word!")
 BOB = Account("bob", "bob-e2e-Pa55word!")
+# Staff with the approvals permission (the live approval queue; they decide any session's requests).
+CAROL = Account("carol", "carol-e2e-Pa55word!")
+DAVE = Account("dave", "dave-e2e-Pa55word!")
+APPROVERS = (CAROL, DAVE)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -97,9 +102,9 @@ def _pg_url_with_db(url: str, dbname: str) -> str:
 class _PostgresDatabase:
     """A throwaway database on the server ``DATABASE_URL`` points at."""
 
-    def __init__(self, admin_url: str) -> None:
+    def __init__(self, admin_url: str, label: str = "e2e") -> None:
         self.admin_url = admin_url
-        self.name = f"cmbagent_e2e_{os.getpid()}"
+        self.name = f"cmbagent_{label}_{os.getpid()}"
         self.url = _pg_url_with_db(admin_url, self.name)
 
     def _execute(self, sql: str) -> None:
@@ -177,6 +182,14 @@ class E2EServer:
             f"emit(Session.objects.filter(owner__username={username!r}).count())\n"
         )
 
+    def db_approval_requests(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's ApprovalRequest rows, oldest first, with who decided and through which door."""
+        return self.shell_json(
+            "from approvals.models import ApprovalRequest\n"
+            f"emit(list(ApprovalRequest.objects.filter(session_id={session_id!r}).order_by('created_at')"
+            ".values('id', 'kind', 'status', 'decision', 'feedback', 'door', 'decided_by__username', 'event_seq')))\n"
+        )
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -240,15 +253,21 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def e2e_server():
-    """A live ``manage.py serve`` on a free port, with its own database and users alice and bob."""
-    var_dir = Path(tempfile.mkdtemp(prefix="cmbagent-e2e-"))
+@contextlib.contextmanager
+def serve(extra_env: dict[str, str] | None = None, label: str = "e2e") -> Iterator[E2EServer]:
+    """A live ``manage.py serve`` on a free port, with its own database, users alice and bob, and approvers carol and dave.
+
+    ``extra_env`` is added to the server's environment (e.g. ``CMBAGENT_OFFLINE_LATENCY``); ``label``
+    keeps its database, temporary folder and channel prefix apart from the other servers of this run.
+    """
+    var_dir = Path(tempfile.mkdtemp(prefix=f"cmbagent-{label}-"))
     env = _server_env(var_dir)
+    env["CHANNELS_PREFIX"] = f"{label}{os.getpid()}"
+    env.update(extra_env or {})
     database_url = os.environ.get("DATABASE_URL", "")
     pg: _PostgresDatabase | None = None
     if database_url.startswith("postgres"):
-        pg = _PostgresDatabase(database_url)
+        pg = _PostgresDatabase(database_url, label)
         try:
             pg.create()
         except Exception as exc:  # noqa: BLE001 - reported as the fixture's failure
@@ -272,6 +291,10 @@ def e2e_server():
             "User = get_user_model()\n"
             f"User.objects.create_user({ALICE.username!r}, password={ALICE.password!r})\n"
             f"User.objects.create_user({BOB.username!r}, password={BOB.password!r})\n"
+            "from django.contrib.auth.models import Permission\n"
+            "may_decide = Permission.objects.get(content_type__app_label='approvals', codename='approvals')\n"
+            f"for name, password in {[(a.username, a.password) for a in APPROVERS]!r}:\n"
+            "    User.objects.create_user(name, password=password, is_staff=True).user_permissions.add(may_decide)\n"
             "emit(sorted(User.objects.values_list('username', flat=True)))\n"
         )
         with server.log_path.open("w") as log:
@@ -299,6 +322,13 @@ def e2e_server():
             except Exception as exc:  # noqa: BLE001 - do not hide the tests' own result
                 sys.stderr.write(f"could not drop e2e database {pg.name}: {exc}\n")
         shutil.rmtree(var_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def e2e_server():
+    """The browser tier's server (see ``serve``), shared by every test of the run."""
+    with serve() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -362,7 +392,7 @@ def screenshot(request):
 
 @pytest.fixture(scope="session")
 def accounts() -> dict[str, Account]:
-    return {"alice": ALICE, "bob": BOB}
+    return {"alice": ALICE, "bob": BOB, "carol": CAROL, "dave": DAVE}
 
 
 @pytest.fixture

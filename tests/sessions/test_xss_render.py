@@ -28,7 +28,9 @@ from tests.xss_corpus import (
     IDS,
     TRAP,
     URL_ATTRIBUTES,
+    Collector,
     Payload,
+    active_attribute,
     collect,
     control_message,
     file_path_for,
@@ -151,21 +153,22 @@ def _session_with(owner, payload: Payload) -> tuple[Session, list[Event]]:
     return session, events
 
 
-def _profile(markup: str) -> tuple[Counter, set[tuple[str, str]]]:
-    parsed = collect(markup)
+def _profile(parsed: Collector) -> tuple[Counter, set[tuple[str, str]]]:
     return Counter(e.tag for e in parsed.elements), {(e.tag, name) for e in parsed.elements for name, _ in e.attrs}
 
 
-def page_problems(markup: str, baseline: str, session: Session) -> list[str]:
+def page_problems(parsed: Collector, baseline: Collector, session: Session) -> list[str]:
     """What ``markup`` (a page with the payload) has that ``baseline`` (the same page with a harmless text) has not.
 
     Markdown may add its allowed tags and attributes; nothing else may appear.
     Scripts must be the baseline's, URLs may not run script, and the payload's
-    marks (the trap's name, the beacon) may appear in no attribute except the
-    links and images of the session's own files and the href or title of a
-    sanitised link.
+    marks (the trap's name, the beacon) may appear in no attribute that loads,
+    runs or wires anything (URLs, handlers, htmx) except the links and images
+    of the session's own files and the href of a sanitised link. (Escaped in
+    a text-like attribute, ``alt``, ``title``, ``class``, ``data-*``, they are
+    inert; had they escaped it, new attributes or tags would show above.)
     """
-    tags, pairs = _profile(markup)
+    tags, pairs = _profile(parsed)
     base_tags, base_pairs = _profile(baseline)
     problems = []
     for tag, count in tags.items():
@@ -175,8 +178,7 @@ def page_problems(markup: str, baseline: str, session: Session) -> list[str]:
         if name not in MARKDOWN_ATTRIBUTES.get(tag, set()):
             problems.append(f"<{tag} {name}> appears only with the payload")
     files = f"/sessions/{session.pk}/files/"
-    base_scripts = sorted(dict(e.attrs).get("src", "") for e in collect(baseline).elements if e.tag == "script")
-    parsed = collect(markup)
+    base_scripts = sorted(dict(e.attrs).get("src", "") for e in baseline.elements if e.tag == "script")
     ids = Counter()
     for element in parsed.elements:
         attrs = dict(element.attrs)
@@ -188,11 +190,9 @@ def page_problems(markup: str, baseline: str, session: Session) -> list[str]:
             ids[attrs["id"]] += 1
         for name, value in element.attrs:
             problems += _attr_problems(element.tag, name, value)
-            if TRAP in value or BEACON in value:
-                own_file = element.tag in ("a", "img") and name in ("href", "src", "alt") and (
-                    name == "alt" or value.startswith(files)
-                )
-                sanitised_link = element.tag == "a" and name in ("href", "title") and "rel" in attrs and not scripty_url(value)
+            if (TRAP in value or BEACON in value) and active_attribute(name):
+                own_file = element.tag in ("a", "img") and name in ("href", "src") and value.startswith(files)
+                sanitised_link = element.tag == "a" and name == "href" and "rel" in attrs and not scripty_url(value)
                 if not (own_file or sanitised_link):
                     problems.append(f"payload in <{element.tag} {name}={value!r}>")
     scripts = sorted(dict(e.attrs).get("src", "") for e in parsed.elements if e.tag == "script")
@@ -229,26 +229,31 @@ def pages_of(client, alice, approver):
     return render
 
 
+# The same pages for a harmless session, rendered once (their structure does not change between tests).
+_BASELINE: dict = {}
+
+
 @pages
 @pytest.mark.parametrize("payload", CORPUS, ids=IDS)
 def test_pages_show_payload_as_text(pages_of, payload):
-    base_session, _, baseline = pages_of(BENIGN)
+    if not _BASELINE:
+        base_session, _, pages = pages_of(BENIGN)
+        _BASELINE.update({name: (str(base_session.pk), collect(markup)) for name, markup in pages.items()})
     session, _, rendered = pages_of(payload)
+    parsed = {name: collect(markup) for name, markup in rendered.items()}
     for name, markup in rendered.items():
-        # The baseline's own session id appears in its URLs; compare like with like.
-        comparable = baseline[name].replace(str(base_session.pk), str(session.pk))
-        assert page_problems(markup, comparable, session) == [], f"{name}:\n{markup}"
+        # Only the session's own file URLs are compared by prefix: the baseline's id does not matter.
+        assert page_problems(parsed[name], _BASELINE[name][1], session) == [], f"{name}:\n{markup}"
 
-    detail = squeeze(collect(rendered["detail"]).text)
+    detail = squeeze(parsed["detail"].text)
     assert squeeze(payload.visible) in detail, "the task card does not show the payload as text"
     assert squeeze(payload.text[:200]) in detail, "the title (h1) does not show the payload as text"
     # The event partial: escaped places show the payload character for character.
     for where in ("detail", "push"):
-        parsed = collect(rendered[where])
-        assert payload.text.lstrip("\ufeff") in parsed.text, f"{where}: the payload is not in the page's text"
-        assert file_path_for(payload) in parsed.text, f"{where}: the file name is not shown"
-    assert squeeze(payload.text[:200]) in squeeze(collect(rendered["list"]).text)
-    assert squeeze(payload.text[:200]) in squeeze(collect(rendered["queue"]).text)
+        assert payload.text.lstrip("\ufeff") in parsed[where].text, f"{where}: the payload is not in the page's text"
+        assert file_path_for(payload) in parsed[where].text, f"{where}: the file name is not shown"
+    assert squeeze(payload.text[:200]) in squeeze(parsed["list"].text)
+    assert squeeze(payload.text[:200]) in squeeze(parsed["queue"].text)
 
 
 @pages
@@ -260,3 +265,26 @@ def test_forms_refuse_nul_characters(client, alice):
         assert response.status_code == 400, payload.id
         assert "Null characters are not allowed." in response.content.decode()
     assert not Session.objects.exists()
+
+
+@pages
+@pytest.mark.parametrize(
+    "injected",
+    [
+        "<script>xssHit('raw')</script>",
+        "<img src=x onerror=xssHit('raw')>",
+        "<p style=\"color:red\">styled</p>",
+        "<iframe srcdoc=\"<b>x</b>\"></iframe>",
+        "<div hx-get=\"/xss-beacon/raw\" hx-trigger=\"load\">x</div>",
+        "<a href=\"javascript:xssHit('raw')\">x</a>",
+        "<svg><a>x</a></svg>",
+        "<div id=\"session-status\">x</div>",
+    ],
+)
+def test_the_page_check_catches_unescaped_markup(pages_of, injected):
+    """The check above is not blind: the harmless session page with raw markup spliced into its task card fails it."""
+    session, _, rendered = pages_of(BENIGN)
+    marker = '<div class="prose">'
+    assert marker in rendered["detail"]
+    poisoned = rendered["detail"].replace(marker, marker + injected, 1)
+    assert page_problems(collect(poisoned), collect(rendered["detail"]), session) != []
