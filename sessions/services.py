@@ -87,6 +87,21 @@ def worker_wake() -> None:
 # --- state ------------------------------------------------------------------
 
 
+def storable(value: Any) -> Any:
+    """``value`` as every database keeps it: NUL, which PostgreSQL refuses in text and JSON, becomes U+FFFD.
+
+    Agent output, code output and tasks from the API may carry NUL; a run must
+    not fail on PostgreSQL for what it can store on SQLite.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
 def _read_version(session_id: UUID | str) -> int:
     return SessionState.objects.filter(session_id=session_id).values_list("version", flat=True).get()
 
@@ -109,16 +124,16 @@ def save_session_state(
     nothing is written.
     """
     fields: dict[str, Any] = {
-        "conversation_history": list(conversation_history)[-HISTORY_TAIL:],
-        "context_variables": context_variables,
-        "current_phase": current_phase,
+        "conversation_history": storable(list(conversation_history)[-HISTORY_TAIL:]),
+        "context_variables": storable(context_variables),
+        "current_phase": storable(current_phase),
         "current_step": current_step,
         "updated_at": timezone.now(),
     }
     if plan is not None:
-        fields["plan"] = plan
+        fields["plan"] = storable(plan)
     if engine_state is not None:
-        fields["engine_state"] = engine_state
+        fields["engine_state"] = storable(engine_state)
     for attempt in (1, 2):
         version = _read_version(session_id)
         updated = SessionState.objects.filter(session_id=session_id, version=version).update(
@@ -140,7 +155,7 @@ def session_start(
     *, owner, task: str, mode: str, title: str = "", config: dict[str, Any] | None = None, model_provider: str = ""
 ) -> Session:
     """Create a session with its state and a queued first run, and wake a worker."""
-    task = task.strip()
+    task, title = storable(task).strip(), storable(title)
     if not task:
         raise SessionError("The task is empty.")
     if len(task) > settings.TASK_MAX_CHARS:
@@ -206,11 +221,11 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, w
         changes["completion_tokens"] = F("completion_tokens") + event.completion_tokens
         changes["cost_usd"] = F("cost_usd") + cost
         usage = dict(session.usage or {})
-        mine = dict(usage.get(event.agent or "(unnamed)", {}))
+        mine = dict(usage.get(storable(event.agent) or "(unnamed)", {}))
         mine["prompt"] = mine.get("prompt", 0) + event.prompt_tokens
         mine["completion"] = mine.get("completion", 0) + event.completion_tokens
         mine["cost"] = round(mine.get("cost", 0.0) + float(cost), 6)
-        usage[event.agent or "(unnamed)"] = mine
+        usage[storable(event.agent) or "(unnamed)"] = mine
         changes["usage"] = usage
     Session.objects.filter(pk=session_id).update(**changes)
     row = Event.objects.create(
@@ -218,9 +233,9 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, w
         run_id=run_id,
         seq=seq,
         kind=str(event.kind),
-        agent=event.agent,
-        content=event.content,
-        data=event.data,
+        agent=storable(event.agent),
+        content=storable(event.content),
+        data=storable(event.data),
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
         cost_usd=cost,

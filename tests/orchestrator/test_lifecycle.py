@@ -142,14 +142,14 @@ async def test_suspend_then_resume_goes_on_without_repeating(alice, monkeypatch)
 async def test_a_killed_run_process_fails_visibly_and_retry_completes_it(alice, monkeypatch):
     """The run's process dies (SIGKILL, as the OOM killer would): the run alone fails, with the cause; Retry finishes it."""
     reference = await _reference(alice, mode="planning_and_control")
-    monkeypatch.setenv("CMBAGENT_OFFLINE_LATENCY", "0.05")
+    monkeypatch.setenv("CMBAGENT_OFFLINE_LATENCY", "0.2")  # a run of about 8 s: well inside it when killed
     session = await _start(alice, mode="planning_and_control")
     bystander = await _start(alice, mode="one_shot")
+    run_id = await call(lambda: Run.objects.get(session=session).pk)()
     worker = RunWorker(worker_id="w-crash", poll_interval=0.2)
     serving = asyncio.create_task(worker.serve())
     try:
-        await _wait_for(call(lambda: len(Event.objects.filter(session=session)) > 10 and bool(worker.children)), interval=0.01)
-        run_id = await call(lambda: Run.objects.get(session=session).pk)()
+        await _wait_for(call(lambda: len(Event.objects.filter(session=session)) > 10 and run_id in worker.children), interval=0.01)
         os.kill(worker.children[run_id].pid, signal.SIGKILL)
 
         async def settled():

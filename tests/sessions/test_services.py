@@ -206,3 +206,22 @@ def test_a_user_may_have_only_so_many_live_sessions(alice, bob, settings):
     with pytest.raises(services.SessionError, match="the most allowed at once"):
         services.session_resume(session_id=started[0].pk, user=alice)  # resuming would make four
     assert Session.objects.filter(owner=alice).count() == 4
+
+
+def test_nul_characters_are_stored_as_replacement_characters(alice):
+    """PostgreSQL refuses NUL in text and JSON: agent output with NUL must not fail a run there (nor differ on SQLite)."""
+    session = services.session_start(owner=alice, task="task with \x00 in it", mode="one_shot", config={})
+    assert session.task == "task with \ufffd in it"
+    row = services.event_append(
+        session_id=session.pk, run_id=None,
+        event=EngineEvent(EventKind.TOOL_RESULT, agent="exec\x00utor", content="binary \x00\x00 out",
+                          data={"name": "execute_code", "raw": ["a\x00", {"k\x00": "v\x00"}]}, prompt_tokens=1),
+        checkpoint={"phase": "ph\x00", "context_variables": {"x": "\x00"}, "plan": [{"description": "\x00"}]},
+        conversation_tail=[{"content": "\x00"}],
+    )
+    row.refresh_from_db()
+    assert (row.agent, row.content) == ("exec\ufffdutor", "binary \ufffd\ufffd out")
+    assert row.data == {"name": "execute_code", "raw": ["a\ufffd", {"k\ufffd": "v\ufffd"}]}
+    state = SessionState.objects.get(pk=session.pk)
+    assert (state.current_phase, state.context_variables, state.plan[0]["description"]) == ("ph\ufffd", {"x": "\ufffd"}, "\ufffd")
+    assert Session.objects.get(pk=session.pk).usage == {"exec\ufffdutor": {"prompt": 1, "completion": 0, "cost": 0.0}}

@@ -18,6 +18,7 @@ from django.urls import reverse
 
 from approvals.models import ApprovalRequest
 from sessions.fragments import render_push
+from sessions.services import storable
 from sessions.models import Event, Session, SessionState
 from sessions.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, highlight_code, render_markdown
 from tests.xss_corpus import (
@@ -112,13 +113,17 @@ pages = pytest.mark.django_db
 
 
 def _session_with(owner, payload: Payload) -> tuple[Session, list[Event]]:
-    """A session whose task, title and every kind of event carry ``payload``, waiting on a plan and a code card."""
-    text = payload.text
+    """A session whose task, title and every kind of event carry ``payload``, waiting on a plan and a code card.
+
+    The rows hold the payload as the services store it (``storable``: NUL, which
+    PostgreSQL cannot keep, becomes U+FFFD), so the same pages render on both databases.
+    """
+    text = storable(payload.text)
     session = Session.objects.create(
         owner=owner, task=text, title=text[:200], mode="hitl_plan", status=Session.Status.WAITING_APPROVAL,
     )
     SessionState.objects.create(session=session, current_phase=text[:40])
-    path = file_path_for(payload)
+    path = storable(file_path_for(payload))
     step = {"agent": text, "description": text}
     rows = [
         ("task", "user", text, {}),
@@ -247,13 +252,13 @@ def test_pages_show_payload_as_text(pages_of, payload):
 
     detail = squeeze(parsed["detail"].text)
     assert squeeze(payload.visible) in detail, "the task card does not show the payload as text"
-    assert squeeze(payload.text[:200]) in detail, "the title (h1) does not show the payload as text"
+    assert squeeze(storable(payload.text)[:200]) in detail, "the title (h1) does not show the payload as text"
     # The event partial: escaped places show the payload character for character.
     for where in ("detail", "push"):
-        assert payload.text.lstrip("\ufeff") in parsed[where].text, f"{where}: the payload is not in the page's text"
-        assert file_path_for(payload) in parsed[where].text, f"{where}: the file name is not shown"
-    assert squeeze(payload.text[:200]) in squeeze(parsed["list"].text)
-    assert squeeze(payload.text[:200]) in squeeze(parsed["queue"].text)
+        assert storable(payload.text).lstrip("\ufeff") in parsed[where].text, f"{where}: the payload is not in the page's text"
+        assert storable(file_path_for(payload)) in parsed[where].text, f"{where}: the file name is not shown"
+    assert squeeze(storable(payload.text)[:200]) in squeeze(parsed["list"].text)
+    assert squeeze(storable(payload.text)[:200]) in squeeze(parsed["queue"].text)
 
 
 @pages
