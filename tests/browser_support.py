@@ -117,7 +117,10 @@ def save_screenshot(page: Page, test_name: str, name: str) -> Path:
     """A full-page PNG of ``page`` under <artifacts>/screenshots/."""
     SCREENSHOTS_DIR.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS_DIR / f"{slug(test_name)}--{slug(name)}.png"
-    page.screenshot(path=str(path), full_page=True)
+    # caret="initial": hiding the caret makes Playwright write a style attribute on every input and
+    # textarea (left behind as style=""); htmx's settle copies the style of an element with an id onto
+    # its pushed copy, which the CSP (style-src 'self') refuses: a violation the test itself caused.
+    page.screenshot(path=str(path), full_page=True, caret="initial")
     assert path.stat().st_size > 0, f"empty screenshot {path}"
     return path
 
