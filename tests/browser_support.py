@@ -36,7 +36,7 @@ SESSION_URL = re.compile(r"/sessions/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 # articles present at DOMContentLoaded and every article added afterwards.
 LIVE_PROBE = """
 (() => {
-  window.__e2e = {initial: null, initialSeqs: [], addedSeqs: [], statuses: [], articlesWhenCompleted: null};
+  window.__e2e = {initial: null, initialSeqs: [], addedSeqs: [], statuses: [], articlesWhenCompleted: null, glance: []};
   document.addEventListener('DOMContentLoaded', () => {
     const transcript = document.getElementById('transcript');
     if (!transcript) return;
@@ -63,6 +63,20 @@ LIVE_PROBE = """
       if (now.dataset.status === 'completed' && window.__e2e.articlesWhenCompleted === null)
         window.__e2e.articlesWhenCompleted = transcript.querySelectorAll('article[data-seq]').length;
     }).observe(head, {childList: true, subtree: true, attributes: true});
+    // The glance (plan progress, step, tokens, cost) is replaced whole on each push: keep each distinct reading.
+    const readGlance = () => {
+      const box = document.getElementById('session-totals');
+      if (!box) return;
+      const text = (id) => { const el = box.querySelector(`[data-testid="${id}"]`); return el ? el.textContent.trim() : null; };
+      const progress = box.querySelector('progress');
+      const reading = {done: progress ? Number(progress.value) : null, steps: progress ? Number(progress.max) : null,
+                       step: text('step'), tokens: text('tokens'), cost: text('cost'), phase: text('phase')};
+      const last = window.__e2e.glance[window.__e2e.glance.length - 1];
+      if (!last || JSON.stringify(last) !== JSON.stringify(reading)) window.__e2e.glance.push(reading);
+    };
+    readGlance();
+    const totals = document.getElementById('session-totals');
+    if (totals && totals.parentElement) new MutationObserver(readGlance).observe(totals.parentElement, {childList: true, subtree: true});
   });
 })();
 """
