@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,9 @@ class RunWorker:
         self.active: dict[int, asyncio.Task[None]] = {}
         # The child process of each active run (run id → process), for logs and tests.
         self.children: dict[int, EngineProcess] = {}
+        # Each executing run's claim (its write fence) and where to record a stop: one watcher serves them all.
+        self.watched: dict[int, tuple[str, EngineProcess, dict[str, str]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
     # The worker serving in this process, woken by the orchestrator channel's consumer.
@@ -130,6 +134,8 @@ class RunWorker:
         finally:
             if listener is not None:
                 listener.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
             if RunWorker.in_this_process is self:
                 RunWorker.in_this_process = None
 
@@ -174,7 +180,7 @@ class RunWorker:
         while len(self.active) < self.max_runs:
             try:
                 run = await database_sync_to_async(services.run_claim)(
-                    worker_id=self.worker_id, lease_seconds=self.lease_seconds
+                    worker_id=self.worker_id, lease_seconds=self.lease_seconds, exclude=set(self.active)
                 )
             except Exception:  # noqa: BLE001 - the database may be restarting; try again next poll
                 logger.warning("worker %s could not claim runs", self.worker_id, exc_info=True)
@@ -189,32 +195,39 @@ class RunWorker:
         self.active.pop(run_id, None)
         self.wake()  # room for another run
 
-    async def _watch(self, run_id: int, child: EngineProcess, stop: dict[str, str]) -> None:
-        """Keep the lease, and end the child at once when a person asks to stop the run."""
-        beat_every = self.lease_seconds / 3
-        since_beat = 0.0
-        while True:
+    async def _watch(self) -> None:
+        """Keep the leases of every run this worker executes, and end a run's process at once when a person
+        asks to stop it: two queries every half second for all of them, however many, timed by the clock."""
+        last_beat = time.monotonic()
+        while self.watched:
             await asyncio.sleep(STOP_POLL_SECONDS)
-            since_beat += STOP_POLL_SECONDS
+            held = {pk: owner for pk, (owner, _, _) in self.watched.items()}
+            beat = time.monotonic() - last_beat >= self.lease_seconds / 3
             try:
-                request = await database_sync_to_async(services.run_stop_request)(run_id)
-                if since_beat >= beat_every:
-                    since_beat = 0.0
-                    held = await database_sync_to_async(services.run_heartbeat)(
-                        run_id=run_id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
-                    )
-                    if not held:
-                        logger.warning("worker %s lost the lease of run %s; ending its process", self.worker_id, run_id)
-                        stop["lost"] = "lease"
-                        child.kill()
-                        return
+                stops, lost = await database_sync_to_async(services.runs_watch)(
+                    held=held, lease_seconds=self.lease_seconds, beat=beat
+                )
             except Exception:  # noqa: BLE001 - the database may be restarting; the lease has slack
-                logger.warning("worker %s could not check run %s", self.worker_id, run_id, exc_info=True)
+                logger.warning("worker %s could not check its runs", self.worker_id, exc_info=True)
                 continue
-            if request:
-                stop["request"] = request
-                child.kill()
-                return
+            if beat:
+                last_beat = time.monotonic()
+            for pk in lost:
+                if pk in self.watched:
+                    _, child, stop = self.watched.pop(pk)
+                    logger.warning("worker %s lost the lease of run %s; ending its process", self.worker_id, pk)
+                    stop["lost"] = "lease"
+                    child.kill()
+            for pk, request in stops.items():
+                if pk in self.watched:
+                    _, child, stop = self.watched.pop(pk)
+                    stop["request"] = request
+                    child.kill()
+
+    def _watch_run(self, run_id: int, owner: str, child: EngineProcess, stop: dict[str, str]) -> None:
+        self.watched[run_id] = (owner, child, stop)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"watch-{self.worker_id}")
 
     async def execute(self, run: Run, *, observer: Callable[[Event], None] | None = None) -> None:
         """Run the engine for ``run`` in a child process and persist every event it yields.
@@ -226,7 +239,7 @@ class RunWorker:
         status, detail = Run.Status.FAILED, ""
         stop: dict[str, str] = {}
         child: EngineProcess | None = None
-        watch: asyncio.Task[None] | None = None
+        owner = run.lease_owner or self.worker_id  # this claim's fence
         try:
             session = await _load_session(run.session_id)
             # A continued or taken-over run goes on from the log: nothing repeated.
@@ -245,7 +258,7 @@ class RunWorker:
             }
             child = await EngineProcess.spawn(spec)
             self.children[run.pk] = child
-            watch = asyncio.get_running_loop().create_task(self._watch(run.pk, child, stop))
+            self._watch_run(run.pk, owner, child, stop)
             outcome: dict | None = None
             fatal: dict | None = None
             async for message in child.messages():
@@ -259,7 +272,7 @@ class RunWorker:
                         event=event,
                         checkpoint=message["checkpoint"],
                         conversation_tail=list(tail),
-                        worker_id=self.worker_id,
+                        worker_id=owner,
                     )
                     if observer is not None:
                         observer(row)
@@ -275,11 +288,11 @@ class RunWorker:
                 return  # another worker holds the run now
             elif fatal is not None:
                 detail = fatal["detail"]
-                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=self.worker_id)
+                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=owner)
             elif outcome is None:
                 detail = f"The run's process ended unexpectedly: {child.describe_exit(code)}. Retry goes on from the last saved event."
                 logger.warning("run %s: %s", run.pk, detail)
-                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=self.worker_id)
+                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=owner)
             elif outcome["status"] == "completed":
                 status, detail = Run.Status.COMPLETED, "The team finished the task."
             elif outcome["status"] == "paused":
@@ -299,7 +312,7 @@ class RunWorker:
             with contextlib.suppress(Exception):
                 await asyncio.shield(
                     database_sync_to_async(services.run_release)(
-                        run_id=run.pk, worker_id=self.worker_id, detail="Its worker stopped; another worker will go on from here."
+                        run_id=run.pk, worker_id=owner, detail="Its worker stopped; another worker will go on from here."
                     )
                 )
             raise
@@ -321,8 +334,7 @@ class RunWorker:
                 detail = f"{type(exc).__name__}: {exc}"
         finally:
             self.children.pop(run.pk, None)
-            if watch is not None:
-                watch.cancel()
+            self.watched.pop(run.pk, None)
             if child is not None and child.process.returncode is None:
                 child.kill()
                 with contextlib.suppress(Exception):
@@ -330,7 +342,7 @@ class RunWorker:
             if not stop.get("lost"):
                 try:
                     await database_sync_to_async(services.run_finish)(
-                        run_id=run.pk, worker_id=self.worker_id, status=status, detail=detail
+                        run_id=run.pk, worker_id=owner, status=status, detail=detail
                     )
                 except Exception as exc:
                     if not _database_unreachable(exc):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Collection, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -459,13 +460,21 @@ def session_answer(*, session_id: UUID | str, user, answer: hitl.Answer, door: s
 # --- runs -------------------------------------------------------------------
 
 
-def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None) -> Run | None:
-    """Take the oldest queued run (or ``run_id``), or one whose worker's lease ran out."""
+def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None, exclude: Collection[int] = ()) -> Run | None:
+    """Take the oldest queued run (or ``run_id``), or one whose worker's lease ran out.
+
+    The run's ``lease_owner`` becomes ``<worker_id>#<claim>``, new at every
+    claim: it is the fence its writes, heartbeats and finish must present, so
+    an execution that lost its lease (even to its own worker) can write nothing
+    more. ``exclude``: runs the caller is executing, never claimed twice.
+    """
     now = timezone.now()
     with transaction.atomic():
         claimable = Run.objects.select_for_update(skip_locked=True).filter(
             Q(status=Run.Status.QUEUED) | Q(status=Run.Status.RUNNING, lease_expires_at__lt=now)
         )
+        if exclude:
+            claimable = claimable.exclude(pk__in=list(exclude))
         if run_id is not None:
             claimable = claimable.filter(pk=run_id)
         run = claimable.order_by("created_at").first()
@@ -477,10 +486,10 @@ def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None) 
             run.finished_at = now if run.status == Run.Status.CANCELLED else None
             run.save(update_fields=["status", "lease_owner", "lease_expires_at", "finished_at"])
             _append(run.session_id, run_id=run.pk, event=_status_event(run.status, "Stopped as asked; its worker had gone."))
-            return run_claim(worker_id=worker_id, lease_seconds=lease_seconds, run_id=run_id) if run_id is None else None
+            return run_claim(worker_id=worker_id, lease_seconds=lease_seconds, exclude=exclude) if run_id is None else None
         resumed = run.status == Run.Status.RUNNING
         run.status = Run.Status.RUNNING
-        run.lease_owner = worker_id
+        run.lease_owner = f"{worker_id}#{uuid.uuid4().hex[:8]}"
         run.lease_expires_at = now + timedelta(seconds=lease_seconds)
         run.heartbeat_at = now
         run.started_at = run.started_at or now
@@ -526,6 +535,32 @@ def run_reclaim_orphans(*, host: str, alive: Callable[[int], bool]) -> int:
     if orphans:
         Run.objects.filter(pk__in=orphans, status=Run.Status.RUNNING).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     return len(orphans)
+
+
+def runs_watch(*, held: dict[int, str], lease_seconds: int, beat: bool) -> tuple[dict[int, str], set[int]]:
+    """For all the runs one worker executes (run id → its claim), in two queries whatever their number:
+    the stop requests people made, the runs whose lease is no longer theirs, and (``beat``) a renewed lease for the rest.
+    """
+    if not held:
+        return {}, set()
+    stops: dict[int, str] = {}
+    lost: set[int] = set()
+    seen: set[int] = set()
+    for pk, owner, status, stop_request in Run.objects.filter(pk__in=list(held)).values_list("pk", "lease_owner", "status", "stop_request"):
+        seen.add(pk)
+        if owner != held[pk] or status != Run.Status.RUNNING:
+            lost.add(pk)
+        elif stop_request:
+            stops[pk] = stop_request
+    lost |= set(held) - seen  # a run that is gone altogether
+    if beat:
+        now = timezone.now()
+        mine = Q(pk__in=[])
+        for pk, owner in held.items():
+            if pk not in lost:
+                mine |= Q(pk=pk, lease_owner=owner)
+        Run.objects.filter(mine, status=Run.Status.RUNNING).update(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+    return stops, lost
 
 
 def run_heartbeat(*, run_id: int, worker_id: str, lease_seconds: int) -> bool:

@@ -19,10 +19,10 @@ def waiting_session(owner, *, kind="plan", config=None, finish=True):
     data = {"request": kind, "options": options, "plan": [{"number": 1, "agent": "engineer", "description": "Plot it", "status": "pending"}]}
     services.event_append(
         session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.APPROVAL, agent="plan_reviewer", content="Approve the plan?", data=data),
-        checkpoint={}, worker_id="w-helper",
+        checkpoint={}, worker_id=run.lease_owner,
     )
     if finish:
         status = "paused" if kind == "budget" else "waiting_approval"  # a spent budget pauses the session
-        services.run_finish(run_id=run.pk, worker_id="w-helper", status=status, detail="waiting")
+        services.run_finish(run_id=run.pk, worker_id=run.lease_owner, status=status, detail="waiting")
     session.refresh_from_db()
     return session

@@ -154,7 +154,7 @@ def test_a_decision_taken_while_the_asking_run_is_ending_is_applied_when_it_ends
     assert (request.status, request.decision) == ("decided", decision)
     assert Run.objects.filter(session=session).count() == 1  # nothing queued beside a run still going
 
-    services.run_finish(run_id=run.pk, worker_id="w-helper", status=ends_as, detail="asked")
+    services.run_finish(run_id=run.pk, worker_id=run.lease_owner, status=ends_as, detail="asked")
     queued = Run.objects.get(session=session, status="queued")
     assert queued.answer["decision"] == decision and queued.answer["by"] == "carol"
     session.refresh_from_db()

@@ -1,6 +1,7 @@
 """Session services: starting, the event log, versioned state, run leases."""
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
 
@@ -168,7 +169,7 @@ class TestRunLease:
     def test_claim_takes_queued_run_and_records_running(self, session):
         """Claiming marks the run running under this worker's lease and logs a status event."""
         run = services.run_claim(worker_id="w1", lease_seconds=30)
-        assert run.session_id == session.pk and run.status == "running" and run.lease_owner == "w1"
+        assert run.session_id == session.pk and run.status == "running" and re.fullmatch(r"w1#[0-9a-f]{8}", run.lease_owner)
         assert services.run_claim(worker_id="w2", lease_seconds=30) is None
         session.refresh_from_db()
         assert session.status == "running"
@@ -179,16 +180,46 @@ class TestRunLease:
         run = services.run_claim(worker_id="w1", lease_seconds=30)
         Run.objects.filter(pk=run.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
         again = services.run_claim(worker_id="w2", lease_seconds=30)
-        assert again.pk == run.pk and again.lease_owner == "w2"
-        assert not services.run_heartbeat(run_id=run.pk, worker_id="w1", lease_seconds=30)
-        assert services.run_heartbeat(run_id=run.pk, worker_id="w2", lease_seconds=30)
+        assert again.pk == run.pk and again.lease_owner.startswith("w2#")
+        assert not services.run_heartbeat(run_id=run.pk, worker_id=run.lease_owner, lease_seconds=30)
+        assert services.run_heartbeat(run_id=run.pk, worker_id=again.lease_owner, lease_seconds=30)
+
+    def test_a_lapsed_claim_is_fenced_off_even_from_its_own_worker(self, session):
+        """Every claim is a new fence: the first execution of a run its own worker claimed again writes nothing more."""
+        first = services.run_claim(worker_id="w1", lease_seconds=30)
+        Run.objects.filter(pk=first.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        assert services.run_claim(worker_id="w1", lease_seconds=30, exclude={first.pk}) is None  # not while executing it
+        second = services.run_claim(worker_id="w1", lease_seconds=30)
+        assert second.pk == first.pk and second.lease_owner != first.lease_owner
+        message = EngineEvent(EventKind.MESSAGE, agent="engineer", content="from the first execution")
+        with pytest.raises(services.LeaseLostError):
+            services.event_append(session_id=session.pk, run_id=first.pk, event=message, worker_id=first.lease_owner)
+        with pytest.raises(services.SessionError):
+            services.run_finish(run_id=first.pk, worker_id=first.lease_owner, status="completed")
+        assert not Event.objects.filter(session=session, content="from the first execution").exists()
+
+    def test_one_watch_serves_every_run_of_a_worker(self, session, alice, django_assert_max_num_queries):
+        """Stop requests, lost leases and renewed leases of all a worker's runs in two queries."""
+        others = [services.session_start(owner=alice, task=f"t{i}", mode="one_shot") for i in range(3)]
+        runs = [services.run_claim(worker_id="w1", lease_seconds=30) for _ in range(4)]
+        held = {run.pk: run.lease_owner for run in runs}
+        Run.objects.filter(pk=runs[0].pk).update(stop_request="cancelled")
+        Run.objects.filter(pk=runs[1].pk).update(lease_owner="w2#feedbeef")  # taken over
+        Run.objects.filter(pk__in=list(held)).update(lease_expires_at=timezone.now() + timedelta(seconds=5))
+        with django_assert_max_num_queries(2):
+            stops, lost = services.runs_watch(held=held, lease_seconds=30, beat=True)
+        assert stops == {runs[0].pk: "cancelled"} and lost == {runs[1].pk}
+        renewed = dict(Run.objects.filter(pk__in=list(held)).values_list("pk", "lease_expires_at"))
+        assert renewed[runs[2].pk] > timezone.now() + timedelta(seconds=25) and renewed[runs[3].pk] > timezone.now() + timedelta(seconds=25)
+        assert renewed[runs[1].pk] < timezone.now() + timedelta(seconds=6)  # not renewed for the worker that lost it
+        assert len(others) == 3
 
     def test_only_the_lease_holder_finishes(self, session):
         """A worker that lost the lease cannot record the outcome."""
         run = services.run_claim(worker_id="w1", lease_seconds=30)
-        with pytest.raises(services.SessionError, match="held by w1"):
+        with pytest.raises(services.SessionError, match="held by w1#"):
             services.run_finish(run_id=run.pk, worker_id="w2", status="completed")
-        services.run_finish(run_id=run.pk, worker_id="w1", status="failed", detail="boom")
+        services.run_finish(run_id=run.pk, worker_id=run.lease_owner, status="failed", detail="boom")
         run.refresh_from_db()
         session.refresh_from_db()
         assert (run.status, run.error, session.status) == ("failed", "boom", "failed")
