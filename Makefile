@@ -21,6 +21,7 @@ cluster:
 bench: venv
 	@.venv/bin/python bench/engine_overhead.py
 	@.venv/bin/python bench/push_latency.py
+	@.venv/bin/python bench/run_throughput.py
 
 clean:
 	rm -rf .venv var test-artifacts

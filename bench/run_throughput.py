@@ -1,0 +1,1306 @@
+#!/usr/bin/env python
+"""Run throughput: Start -> first agent fragment, and delivered events per second.
+
+For 1, 10 and 50 concurrent runs of a two-agent replay script (idea_maker and
+idea_hater handing off to each other, 50 messages of 200 bytes, the run
+pausing on its 50-turn budget), on the embedded default (``manage.py serve``:
+Daphne with the run worker inside, SQLite, in-memory channel layer) and on
+PostgreSQL + Redis (``manage.py serve --no-worker`` plus ``runworker
+orchestrator`` processes), the script measures:
+
+* Start -> first agent fragment: from just before the new-session form's POST
+  (the Start button) to the arrival, at a WebSocket client on the session's
+  socket, of the first fragment holding an agent message. The client connects
+  as soon as the POST's redirect names the session, and says
+  ``{"type": "hello", "after": 0}``; the fragment comes by catch-up or push,
+  whichever first;
+* delivered events per second: every event of every run received by the
+  clients, divided by the time from the first Start to the last delivery;
+* that no event was lost, duplicated or reordered (each client's arrivals are
+  compared with the database afterwards), and that every run played the
+  script;
+* RSS of the server, the worker(s) and the runs' processes, and memory per
+  concurrent run; where the CPU went.
+
+The baseline, measured in the same run, is the engine-only floor: the same
+runs, at the same concurrency, as bare ``python -m orchestrator.engine.process``
+children whose events are read and dropped (no database, no channel layer, no
+socket). See bench/README.md.
+
+    .venv/bin/python bench/run_throughput.py            # full run, 3.5-6 min (each scenario has a time limit)
+    .venv/bin/python bench/run_throughput.py --quick    # 1 and 10 runs only, about 70 s on a quiet machine
+
+PostgreSQL (postgres://postgres@127.0.0.1:5432, override with BENCH_PG_ADMIN_URL)
+and Redis (REDIS_URL, default redis://127.0.0.1:6379/0) are used for the second
+backend; a database of its own is created and dropped, and the Redis keys carry
+a prefix of their own. Without them that backend is skipped with a message.
+The exit status is 1 if any event was lost, duplicated or reordered, or a run
+did not play its script.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+HOST = "127.0.0.1"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PG_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+SPEAKERS = ("idea_maker", "idea_hater")
+MODE = "idea_generation"
+END_STATUSES = {"paused", "completed", "failed", "cancelled", "waiting_approval", "suspended"}
+ARTICLE_RE = re.compile(
+    rb'<article id="event-(\d+)" class="[^"]*" data-seq="\d+" data-kind="([a-z_]+)" data-agent="([^"]*)">(.*?)</article>',
+    re.S,
+)
+TURN_RE = re.compile(r"turn (\d+):")
+BADGE_RE = re.compile(rb'class="badge badge--([a-z_]+)"')
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1024 * 1024
+
+
+# --- the plan ------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    concurrency: tuple[int, ...] = (1, 10, 50)
+    single_reps: int = 5  # the 1-run scenario runs this many times, one after another
+    multi_rounds: int = 1  # each N-run scenario runs this many times
+    messages: int = 50
+    message_bytes: int = 200
+    workers: int = 2  # runworker processes on PostgreSQL + Redis
+    floor: bool = True
+    py_spy: str = ""  # --profile: py-spy's path
+    warmup: int = 2  # runs, one after another, before the first reported scenario of each backend
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(concurrency=(1, 10), single_reps=3, warmup=1)
+
+
+def message(agent: str, turn: int, size: int) -> str:
+    """A message of exactly ``size`` bytes whose turn number the client can read back from the fragment."""
+    head = f"{agent} turn {turn:03d}: "
+    body = "The idea holds if the lensing reconstruction noise stays below the signal on large scales; "
+    return (head + body * (size // len(body) + 2))[:size]
+
+
+def replay_script(messages: int, size: int) -> dict:
+    """Two agents handing off to each other; one spare reply each, since the run stops on its budget."""
+    replies: dict[str, list] = {name: [] for name in SPEAKERS}
+    for turn in range(messages + 2):
+        agent, other = SPEAKERS[turn % 2], SPEAKERS[(turn + 1) % 2]
+        replies[agent].append({"thought": message(agent, turn, size), "calls": [{"name": f"transfer_to_{other}"}]})
+    return replies
+
+
+# --- /proc -----------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_s(pid: int, *, children: bool = False) -> float:
+    """User + system CPU seconds of a process (``children``: of its reaped children)."""
+    f = proc_stat(pid)
+    if f is None:
+        return 0.0
+    i = 13 if children else 11
+    return (int(f[i]) + int(f[i + 1])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * PAGE / MIB
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine_busy_s() -> float:
+    with open("/proc/stat", "rb") as fh:
+        v = [int(x) for x in fh.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / CLK_TCK  # all but idle and iowait
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pids_matching(pred) -> list[int]:
+    return [p for p in all_pids() if pred(cmdline(p))]
+
+
+class Sampler:
+    """Peaks of RSS of the server, the workers and the runs' processes (children of the workers)."""
+
+    def __init__(self, server: int | None, workers: list[int], interval: float = 0.2) -> None:
+        self.server, self.workers, self.interval = server, workers, interval
+        self.engine_pids: dict[int, bool] = {}
+        self.seen_children: dict[int, set[int]] = {w: set() for w in workers}
+        self.idle = self.sample()
+        self.peak = dict(self.idle)
+        self._task: asyncio.Task | None = None
+
+    def children(self) -> list[tuple[int, int]]:
+        out = []
+        parents = set(self.workers)
+        for pid in all_pids():
+            f = proc_stat(pid)
+            if f is None or int(f[1]) not in parents:
+                continue
+            # Only a yes is remembered: right after the fork the child still shows its parent's command line.
+            if not self.engine_pids.get(pid):
+                self.engine_pids[pid] = "orchestrator.engine.process" in cmdline(pid)
+            if self.engine_pids[pid]:
+                out.append((int(f[1]), pid))
+        return out
+
+    def sample(self) -> dict[str, float]:
+        kids = self.children()
+        for parent, pid in kids:
+            self.seen_children[parent].add(pid)
+        kid_rss = [rss_mib(pid) for _, pid in kids]
+        server = rss_mib(self.server) if self.server and self.server not in self.workers else 0.0
+        workers = sum(rss_mib(w) for w in self.workers)
+        return {
+            "server": server, "workers": workers, "runs": sum(kid_rss), "run_count": len(kid_rss),
+            "run_max": max(kid_rss, default=0.0), "total": server + workers + sum(kid_rss),
+        }
+
+    async def _loop(self) -> None:
+        while True:
+            s = self.sample()
+            if s["total"] > self.peak["total"] and s["run_count"]:
+                # What the server, the workers and the runs' processes hold beyond idle, per run process alive then.
+                self.peak["per_live_run"] = (s["total"] - self.idle["total"]) / s["run_count"]
+            for k, v in s.items():
+                self.peak[k] = max(self.peak[k], v)
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self.idle = self.sample()
+        self.peak = {**self.idle, "per_live_run": 0.0}
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+class CpuMeter:
+    """CPU seconds spent, per kind of process, between start() and stop()."""
+
+    def __init__(self, server: int | None, workers: list[int], db_name: str | None) -> None:
+        self.server, self.workers, self.db_name = server, workers, db_name
+        self.redis = pids_matching(lambda c: c.startswith("redis-server"))
+        self.start_values: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def read(self) -> dict[str, float]:
+        me = os.times()
+        out = {
+            "machine": machine_busy_s(),
+            "runs": sum(cpu_s(w, children=True) for w in self.workers),
+            # The floor's "worker" is this process itself: counted as the client.
+            "worker": sum(cpu_s(w) for w in self.workers if w != os.getpid()),
+            "server": cpu_s(self.server) if self.server and self.server not in self.workers else 0.0,
+            "client": me.user + me.system,
+            "redis": sum(cpu_s(p) for p in self.redis),
+            "postgres": 0.0,
+        }
+        if self.db_name:
+            mark = f" {self.db_name} "
+            out["postgres"] = sum(cpu_s(p) for p in pids_matching(lambda c: c.startswith("postgres:") and mark in c))
+        return out
+
+    def start(self) -> None:
+        self.start_values = self.read()
+
+    def stop(self) -> None:
+        end = self.read()
+        self.spent = {k: end[k] - self.start_values.get(k, 0.0) for k in end}
+        self.spent["other"] = self.spent["machine"] - sum(v for k, v in self.spent.items() if k != "machine")
+
+
+# --- the Django helper process -----------------------------------------------------
+# This process never sets Django up (django.setup() imports Daphne, which ties
+# autobahn's txaio to Twisted; the clients here need asyncio). A spawned helper
+# with the backend's environment makes the login cookie and reads the event log back.
+
+
+def _helper_setup(token: str, users: int) -> dict:
+    """One user per concurrent run (50 people pressing Start; a user may have only so many live sessions)."""
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client as DjangoClient
+
+    cookies = []
+    for i in range(users):
+        user = get_user_model().objects.create_user(username=f"run-bench-{token}-{i}")
+        web = DjangoClient()
+        web.force_login(user)
+        cookies.append(web.cookies[settings.SESSION_COOKIE_NAME].value)
+    limit = getattr(settings, "MAX_LIVE_RUNS_PER_USER", 0)
+    return {"cookies": cookies, "vendor": connection.vendor, "live_limit": limit}
+
+
+def _helper_log(session_ids: list[str]) -> dict:
+    """The event log of each session as the database has it: [(seq, kind, agent, status, turn)], status, error."""
+    from sessions.models import Event, Run, Session
+
+    out = {}
+    for sid in session_ids:
+        session = Session.objects.filter(pk=sid).first()
+        if session is None:
+            out[sid] = {"events": [], "status": "missing", "error": "no such session"}
+            continue
+        rows = []
+        for seq, kind, agent, content, data, created in Event.objects.filter(session_id=sid).order_by("seq").values_list(
+            "seq", "kind", "agent", "content", "data", "created_at"
+        ):
+            m = TURN_RE.search(content) if kind == "message" else None
+            status = (data or {}).get("status", "") if kind == "status" else ""
+            rows.append((seq, kind, agent, status, int(m.group(1)) if m else -1, created.timestamp()))
+        run = Run.objects.filter(session_id=sid).order_by("-number").first()
+        takeovers = Event.objects.filter(session_id=sid, kind="status", content__startswith="Taken over").count()
+        out[sid] = {"events": rows, "status": session.status, "last_seq": session.last_seq,
+                    "error": run.error if run else "", "takeovers": takeovers}
+    return out
+
+
+def _helper_beats() -> dict:
+    """How long ago each running run's lease was last renewed (claim or heartbeat), and how many have lapsed."""
+    from django.utils import timezone
+
+    from sessions.models import Run
+
+    now = timezone.now()
+    ages, lapsed = [], 0
+    for beat, expires in Run.objects.filter(status=Run.Status.RUNNING).values_list("heartbeat_at", "lease_expires_at"):
+        if beat:
+            ages.append((now - beat).total_seconds())
+        if expires and expires < now:
+            lapsed += 1
+    return {"max_age": max(ages, default=0.0), "lapsed": lapsed}
+
+
+def _helper_main(conn) -> None:
+    import django
+
+    django.setup()
+    import logging
+
+    logging.getLogger("sessions").setLevel(logging.WARNING)
+    while True:
+        cmd = conn.recv()
+        try:
+            if cmd[0] == "stop":
+                conn.send(("ok", None))
+                return
+            if cmd[0] == "setup":
+                conn.send(("ok", _helper_setup(*cmd[1:])))
+            elif cmd[0] == "beats":
+                conn.send(("ok", _helper_beats()))
+            elif cmd[0] == "log":
+                conn.send(("ok", _helper_log(*cmd[1:])))
+            else:
+                raise ValueError(cmd[0])
+        except Exception:  # noqa: BLE001 - reported to the parent
+            conn.send(("error", traceback.format_exc()))
+
+
+class Helper:
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_helper_main, args=(child,), name="run-bench-helper", daemon=True)
+        self.process.start()
+
+    def request(self, *cmd):
+        self.conn.send(cmd)
+        status, result = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"helper failed:\n{result}")
+        return result
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.request("stop")
+            except (OSError, EOFError, RuntimeError):
+                pass
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+
+
+# --- server and worker processes ----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], env: dict, log: Path) -> None:
+        self.name, self.log = name, log
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.tail()}")
+            if needle in self.text():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: no {needle!r} in its log after {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log_file.close()
+
+
+# --- HTTP and WebSocket clients ----------------------------------------------------------
+
+
+async def http(port: int, method: str, path: str, cookies: dict[str, str], form: dict | None = None) -> tuple[int, list, bytes]:
+    """One HTTP/1.1 request on a fresh connection: (status, headers, body)."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    body = urllib.parse.urlencode(form).encode() if form is not None else b""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close",
+             "Cookie: " + "; ".join(f"{k}={v}" for k, v in cookies.items())]
+    if form is not None:
+        lines += ["Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(body)}",
+                  f"Origin: http://{HOST}:{port}", f"Referer: http://{HOST}:{port}/sessions/new/"]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    data = await reader.read()
+    writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    head_lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(x.strip() for x in line.split(":", 1)) for line in head_lines[1:] if ":" in line]
+    return int(head_lines[0].split()[1]), headers, rest
+
+
+_PROTOCOL = None
+
+
+def _protocol_class():
+    global _PROTOCOL
+    if _PROTOCOL is None:
+        import txaio
+
+        txaio.use_asyncio()
+        txaio.set_global_log_level("error")  # not a line per socket whose closing handshake times out
+        from autobahn.asyncio.websocket import WebSocketClientFactory, WebSocketClientProtocol
+
+        class Protocol(WebSocketClientProtocol):
+            def onOpen(self) -> None:  # noqa: N802 - autobahn's names
+                self.factory.owner.on_open(self)
+
+            def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+                self.factory.owner.on_message(time.monotonic_ns(), payload)
+
+            def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+                self.factory.owner.on_close(code, reason)
+
+        _PROTOCOL = (WebSocketClientFactory, Protocol)
+    return _PROTOCOL
+
+
+@dataclass
+class Arrival:
+    seq: int
+    kind: str
+    agent: str
+    status: str
+    turn: int
+    t: int
+
+
+class Page:
+    """One session page: Start (the form's POST), then its socket, recording every event that arrives.
+
+    Like the page's own script, the socket reconnects when it drops and says
+    hello with the last seq it shows, so what a reconnect costs is measured
+    (and counted) rather than reported as a loss.
+    """
+
+    RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0)
+    MAX_RECONNECTS = 12
+    REFUSALS = (4401, 4403, 4404)
+
+    def __init__(self, port: int, cookies: dict[str, str], csrf: str, task: str, messages: int) -> None:
+        self.port, self.cookies, self.csrf, self.task, self.messages = port, cookies, csrf, task, messages
+        self.session_id = ""
+        self.t_start = self.t_posted = self.t_first_agent = self.t_last = 0
+        self.arrivals: list[Arrival] = []
+        self.close_codes: list[int | None] = []
+        self.reconnects = 0
+        self.proto = None
+        self.error = ""
+        self.closing = False
+        self.ended = False  # the run's end (its final status event) arrived
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        form = {"task": self.task, "mode": MODE, "title": "", "max_rounds": str(self.messages),
+                "auto_continue": "0", "csrfmiddlewaretoken": self.csrf}
+        self.t_start = time.monotonic_ns()  # the Start button
+        self.wall_start = time.time()  # to place the rows' created_at on the same time line
+        status, headers, body = await http(self.port, "POST", "/sessions/new/", self.cookies, form)
+        self.t_posted = time.monotonic_ns()
+        location = dict(headers).get("Location", "")
+        if status != 302 or not location.startswith("/sessions/"):
+            raise RuntimeError(f"Start answered {status} {location!r}: {body[:300]!r}")
+        self.session_id = location.strip("/").split("/")[-1]
+        await self._connect()  # the page's socket, opened at once (a browser would load the page first)
+
+    async def _connect(self) -> None:
+        if self.done.done() or self.closing:
+            return
+        factory_class, protocol_class = _protocol_class()
+        url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/"
+        cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        factory = factory_class(url, origin=f"http://{HOST}:{self.port}", headers={"Cookie": cookie})
+        factory.protocol = protocol_class
+        factory.owner = self
+        factory.setProtocolOptions(openHandshakeTimeout=30, tcpNoDelay=True)
+        self._closed.clear()
+        try:
+            await asyncio.get_running_loop().create_connection(factory, HOST, self.port)
+        except OSError as exc:
+            self._retry(f"connect failed: {exc}")
+
+    def _retry(self, why: str) -> None:
+        if self.done.done() or self.closing:
+            return
+        self.reconnects += 1
+        if self.reconnects > self.MAX_RECONNECTS:
+            self.error = f"gave up after {self.MAX_RECONNECTS} reconnects; last: {why}"
+            self.done.set_result(None)
+            return
+        delay = self.RECONNECT_DELAYS[min(self.reconnects, len(self.RECONNECT_DELAYS)) - 1]
+        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._connect()))
+
+    def on_open(self, proto) -> None:
+        self.proto = proto
+        after = self.arrivals[-1].seq if self.arrivals else 0  # the last event the page shows
+        proto.sendMessage(json.dumps({"type": "hello", "after": after}).encode())
+
+    def on_message(self, t: int, payload: bytes) -> None:
+        for seq, kind, agent, inner in ARTICLE_RE.findall(payload):
+            kind_s, agent_s = kind.decode(), agent.decode()
+            status, turn = "", -1
+            if kind_s == "status":
+                m = BADGE_RE.search(inner)
+                status = m.group(1).decode() if m else ""
+            elif kind_s == "message":
+                m = TURN_RE.search(inner.decode(errors="replace"))
+                turn = int(m.group(1)) if m else -1
+                if agent_s in SPEAKERS and not self.t_first_agent:
+                    self.t_first_agent = t
+            self.arrivals.append(Arrival(int(seq), kind_s, agent_s, status, turn, t))
+            self.t_last = t
+            if status in END_STATUSES and not self.done.done():
+                self.ended = True
+                self.done.set_result(None)
+
+    def on_close(self, code: int | None, reason: str | None) -> None:
+        self.proto = None
+        self.close_codes.append(code)
+        self._closed.set()
+        if code in self.REFUSALS and not self.done.done():
+            self.error = f"socket refused with code {code}"
+            self.done.set_result(None)
+        else:
+            self._retry(f"closed with code {code} ({reason})")
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.proto is not None:
+            self.proto.sendClose(code=1000)
+            try:
+                await asyncio.wait_for(self._closed.wait(), 3)
+            except TimeoutError:
+                if self.proto is not None:
+                    self.proto.transport.close()
+
+
+# --- checking what arrived against the database ----------------------------------------------
+
+
+@dataclass
+class Check:
+    # Delivery: what each client received against the rows in the database.
+    lost: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+    mismatched: int = 0  # an event whose kind/agent/status/turn differs from its row
+    # The log: the agent messages in the database against the script.
+    log_duplicated: int = 0  # a scripted message written twice (the run executed twice)
+    log_missing: int = 0
+    log_reordered: int = 0
+    bad_end: int = 0  # a run that did not end paused on its budget, or never ended
+    takeovers: int = 0  # "Taken over after its worker stopped" status events
+    notes: list[str] = field(default_factory=list)
+
+    FIELDS = ("lost", "duplicated", "reordered", "mismatched", "log_duplicated", "log_missing", "log_reordered",
+              "bad_end", "takeovers")
+
+    @property
+    def clean(self) -> bool:
+        return not any(getattr(self, k) for k in self.FIELDS if k != "takeovers")
+
+    def add(self, other: Check) -> None:
+        for k in self.FIELDS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.notes += other.notes
+
+    def delivery(self) -> str:
+        return f"{self.lost}/{self.duplicated}/{self.reordered}" + (f" ({self.mismatched} differ)" if self.mismatched else "")
+
+    def log(self) -> str:
+        return f"{self.log_duplicated}/{self.log_missing}/{self.log_reordered}" + (f" ({self.bad_end} bad end)" if self.bad_end else "")
+
+
+def check_page(page: Page, log: dict, messages: int) -> Check:
+    c = Check()
+    sid = page.session_id[:8]
+    rows = {r[0]: tuple(r[:5]) for r in log["events"]}
+    got = [a.seq for a in page.arrivals]
+    # A run that never ended (timeout) goes on writing after the client left: only gaps before the
+    # newest event it received count as lost; what came later was never due (the run is counted as a bad end).
+    due = set(rows) if page.ended else {seq for seq in rows if seq <= max(got, default=0)}
+    c.lost = len(due - set(got))
+    c.duplicated = len(got) - len(set(got))
+    c.reordered = sum(1 for a, b in zip(got, got[1:]) if b < a)
+    for a in page.arrivals:
+        row = rows.get(a.seq)
+        if row is None or (a.kind, a.agent, a.status, a.turn) != row[1:]:
+            c.mismatched += 1
+    if c.lost or c.duplicated or c.reordered or c.mismatched:
+        c.notes.append(f"session {sid}: delivered lost {c.lost}, duplicated {c.duplicated}, reordered {c.reordered}, "
+                       f"differing {c.mismatched}; socket close codes {page.close_codes}")
+    said = [(r[2], r[4]) for r in log["events"] if r[1] == "message"]
+    script = [(SPEAKERS[t % 2], t) for t in range(messages)]
+    seen: set = set()
+    firsts = []
+    for m in said:
+        if m in seen:
+            c.log_duplicated += 1
+        else:
+            seen.add(m)
+            firsts.append(m[1])
+    c.log_missing = len(set(script) - seen)
+    c.log_reordered = sum(1 for a, b in zip(firsts, firsts[1:]) if b < a)
+    c.bad_end = int(log["status"] != "paused")
+    c.takeovers = log.get("takeovers", 0)
+    if c.log_duplicated or c.log_missing or c.log_reordered or c.bad_end or c.takeovers:
+        c.notes.append(f"session {sid}: status {log['status']}, {len(said)} agent messages in the log for a script of "
+                       f"{messages} ({c.log_duplicated} written twice, {c.log_missing} missing, {c.log_reordered} out of "
+                       f"order), taken over {c.takeovers} time(s)" + (f"; error: {log['error'][:200]}" if log.get("error") else ""))
+    return c
+
+
+STAGES = ("Start answered", "claimed", "engine's 1st event written", "1st agent message written", "1st agent fragment at client")
+
+
+def first_fragment_stages(page: Page, rows: list) -> dict[str, float]:
+    """Where Start -> first agent fragment went, in ms after Start, from the rows' created_at (set just before
+    each INSERT, so a few ms before its commit) and the client's own clock."""
+    def at(pred) -> float:
+        row = next((r for r in rows if pred(r)), None)
+        return (row[5] - page.wall_start) * 1000 if row else math.nan
+
+    return {
+        "Start answered": (page.t_posted - page.t_start) / 1e6,
+        "claimed": at(lambda r: r[1] == "status" and r[3] == "running"),
+        "engine's 1st event written": at(lambda r: r[1] not in ("status",)),
+        "1st agent message written": at(lambda r: r[1] == "message" and r[2] in SPEAKERS),
+        "1st agent fragment at client": (page.t_first_agent - page.t_start) / 1e6,
+    }
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+
+_T0 = time.monotonic()
+
+
+def elapsed() -> str:
+    return f"[{time.monotonic() - _T0:5.0f} s]"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+@dataclass
+class Result:
+    backend: str
+    runs: int
+    rounds: int = 0
+    events: int = 0
+    wall_s: float = 0.0  # summed over rounds: first Start -> last delivery
+    first_ms: list[float] = field(default_factory=list)
+    post_ms: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # delivered events/s of each round
+    mem: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)
+    children_by_worker: list[int] = field(default_factory=list)
+    reconnects: int = 0
+    stages: dict = field(default_factory=dict)  # stage -> [ms after Start, one per run]
+    beat_age_max: float = 0.0  # s since the oldest lease renewal of a running run, at worst
+    lapsed_max: int = 0  # running runs whose lease had run out, at worst
+    check: Check = field(default_factory=Check)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.wall_s if self.wall_s else math.nan
+
+
+async def run_round(port: int, cookies: list[dict], csrf: str, n: int, plan: Plan, label: str, timeout: float) -> tuple[list[Page], float]:
+    pages = [Page(port, cookies[i], csrf, f"Throughput benchmark {label}, run {i + 1} of {n}: "
+                  "propose research ideas on the CMB lensing power spectrum.", plan.messages) for i in range(n)]
+    started = await asyncio.gather(*(p.start() for p in pages), return_exceptions=True)
+    for page, outcome in zip(pages, started):
+        if isinstance(outcome, BaseException):
+            page.error = page.error or f"{type(outcome).__name__}: {outcome}"
+    waiting = [p.done for p in pages if not p.error]
+    if waiting:
+        _, pending = await asyncio.wait(waiting, timeout=timeout)
+        for page in pages:
+            if page.done in pending:
+                page.error = page.error or f"no end of run within {timeout:.0f} s ({len(page.arrivals)} events arrived)"
+    await asyncio.sleep(0.3)  # anything sent twice or late arrives now
+    await asyncio.gather(*(p.close() for p in pages))
+    t0 = min(p.t_start for p in pages)
+    t1 = max((p.t_last for p in pages if p.t_last), default=t0)
+    return pages, (t1 - t0) / 1e9
+
+
+async def watch_leases(helper: Helper, res: Result) -> None:
+    """Once a second: the oldest lease renewal among running runs (the worker heartbeats every
+    WORKER_LEASE_SECONDS / 3, default 10 s; at 30 s the lease lapses and the run may be claimed again)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            beats = await loop.run_in_executor(None, helper.request, "beats")
+        except Exception:  # noqa: BLE001 - a diagnostic only
+            continue
+        res.beat_age_max = max(res.beat_age_max, beats["max_age"])
+        res.lapsed_max = max(res.lapsed_max, beats["lapsed"])
+
+
+async def run_scenario(backend: str, n: int, rounds: int, ctx: dict, plan: Plan) -> Result:
+    res = Result(backend, n)
+    sampler = Sampler(ctx["server_pid"], ctx["worker_pids"])
+    meter = CpuMeter(ctx["server_pid"], ctx["worker_pids"], ctx.get("db_name"))
+    helper: Helper = ctx["helper"]
+    loop = asyncio.get_running_loop()
+    timeout = 60 + 2.0 * n
+    for r in range(rounds):
+        await asyncio.sleep(0.5)  # let the previous round's processes go
+        sampler.start()
+        meter.start()
+        watch = loop.create_task(watch_leases(helper, res))
+        pages, wall = await run_round(ctx["port"], ctx["cookies"], ctx["csrf"], n, plan, f"{backend} {n}x r{r + 1}", timeout)
+        watch.cancel()
+        meter.stop()
+        await sampler.stop()
+        for k, v in meter.spent.items():
+            res.cpu[k] = res.cpu.get(k, 0.0) + v
+        for k in ("server", "workers", "total", "runs", "run_count", "run_max"):
+            res.mem[f"idle_{k}"] = sampler.idle[k] if r == 0 else res.mem[f"idle_{k}"]
+            res.mem[f"peak_{k}"] = max(res.mem.get(f"peak_{k}", 0.0), sampler.peak[k])
+        res.mem["per_live_run"] = max(res.mem.get("per_live_run", 0.0), sampler.peak["per_live_run"])
+        res.children_by_worker = [len(v) for v in sampler.seen_children.values()]
+        logs = await loop.run_in_executor(None, helper.request, "log", [p.session_id for p in pages if p.session_id])
+        for page in pages:
+            if page.error:
+                res.check.notes.append(f"{backend} {n} runs, session {page.session_id[:8] or '(none)'}: {page.error}")
+            if page.session_id:
+                res.check.add(check_page(page, logs[page.session_id], plan.messages))
+            else:
+                res.check.bad_end += 1  # Start itself failed
+            if page.t_first_agent:
+                res.first_ms.append((page.t_first_agent - page.t_start) / 1e6)
+            if page.t_posted:
+                res.post_ms.append((page.t_posted - page.t_start) / 1e6)
+            if page.session_id and page.t_first_agent:
+                for stage, ms in first_fragment_stages(page, logs[page.session_id]["events"]).items():
+                    res.stages.setdefault(stage, []).append(ms)
+        delivered = sum(len(p.arrivals) for p in pages)
+        res.reconnects += sum(p.reconnects for p in pages)
+        res.events += delivered
+        res.wall_s += wall
+        res.rates.append(delivered / wall if wall else math.nan)
+        res.rounds += 1
+        print(f"{elapsed()} {backend:>8} {n:>2} run(s) round {r + 1}: {delivered} events in {wall:.2f} s "
+              f"= {delivered / wall:.0f}/s; first agent fragment p50 {pct(res.first_ms[-n:], 50):.0f} ms, "
+              f"max {max(res.first_ms[-n:], default=math.nan):.0f} ms", file=sys.stderr)
+    return res
+
+
+# --- the engine-only floor ---------------------------------------------------------------------
+
+
+async def floor_one(spec: bytes, env: dict) -> tuple[int, int, int, int, str]:
+    """One bare engine process: (t_spawn, t_first_message, t_end, events, outcome status)."""
+    t0 = time.monotonic_ns()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestrator.engine.process", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+        start_new_session=True, limit=64 * MIB,
+    )
+    proc.stdin.write(spec)
+    await proc.stdin.drain()
+    proc.stdin.close()
+    drain = asyncio.ensure_future(proc.stderr.read())
+    first = events = 0
+    status = "no outcome"
+    while line := await proc.stdout.readline():
+        msg = json.loads(line)
+        if msg["type"] == "event":
+            events += 1
+            if not first and msg["event"]["kind"] == "message" and msg["event"]["agent"] in SPEAKERS:
+                first = time.monotonic_ns()
+        elif msg["type"] == "outcome":
+            status = msg["status"]
+        elif msg["type"] == "fatal":
+            status = f"fatal: {msg['detail']}"
+    await proc.wait()
+    err = await drain
+    if status != "paused" and err:
+        status += " " + err.decode(errors="replace")[-300:]
+    return t0, first, time.monotonic_ns(), events, status
+
+
+async def run_floor(n: int, rounds: int, env: dict, work_dir: Path, plan: Plan) -> Result:
+    res = Result("floor", n)
+    spec = json.dumps({
+        "task": "Throughput benchmark floor: propose research ideas on the CMB lensing power spectrum.",
+        "mode": MODE, "work_dir": str(work_dir), "provider": "replay", "max_turns": plan.messages,
+        "auto_continue": 0, "policy": {}, "history": [], "answer": None, "memory_limit_mb": 4096,
+    }).encode()
+    me = os.getpid()
+    for _ in range(rounds):
+        await asyncio.sleep(0.3)
+        sampler = Sampler(None, [me])
+        meter = CpuMeter(None, [me], None)
+        sampler.start()
+        meter.start()
+        out = await asyncio.gather(*(floor_one(spec, env) for _ in range(n)))
+        meter.stop()
+        await sampler.stop()
+        for k, v in meter.spent.items():
+            res.cpu[k] = res.cpu.get(k, 0.0) + v
+        res.mem["peak_runs"] = max(res.mem.get("peak_runs", 0.0), sampler.peak["runs"])
+        res.mem["peak_run_count"] = max(res.mem.get("peak_run_count", 0), sampler.peak["run_count"])
+        res.mem["peak_run_max"] = max(res.mem.get("peak_run_max", 0.0), sampler.peak["run_max"])
+        t0, t1 = min(o[0] for o in out), max(o[2] for o in out)
+        events = sum(o[3] for o in out)
+        res.events += events
+        res.wall_s += (t1 - t0) / 1e9
+        res.rates.append(events / ((t1 - t0) / 1e9))
+        res.first_ms += [(o[1] - o[0]) / 1e6 for o in out if o[1]]
+        res.rounds += 1
+        bad = [o[4] for o in out if o[4] != "paused"]
+        if bad:
+            res.check.bad_end += len(bad)
+            res.check.notes.append(f"floor {n}: {bad[0]}")
+    print(f"{elapsed()} {'floor':>8} {n:>2} run(s): {res.events / res.rounds:.0f} events/round, {res.rate:.0f}/s; first message "
+          f"p50 {pct(res.first_ms, 50):.0f} ms, max {max(res.first_ms, default=math.nan):.0f} ms", file=sys.stderr)
+    return res
+
+
+# --- profiling (optional: --profile, needs py-spy) -----------------------------------------------
+
+# Frames that only say "a thread", "the event loop" or "a management command": left out of the summary.
+_PLUMBING = re.compile(r"threading\.py|concurrent/futures|asyncio/(base_events|events|selector_events|runners)\.py|"
+                       r"manage\.py|asgiref/(sync|server)\.py|channels/db\.py|core/management|commands/(serve|runworker)\.py|twisted/|daphne/server\.py|"
+                       r"channels/(worker|management)|<module>")
+
+
+class Profiler:
+    """py-spy record on one process until stop(): raw (collapsed) stacks, all threads, idle time left out."""
+
+    def __init__(self, binary: str, pid: int, out: Path) -> None:
+        self.out = out
+        self.process = subprocess.Popen([binary, "record", "--pid", str(pid), "--rate", "100", "--nonblocking",
+                                         "--format", "raw", "--output", str(out)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def profile_summary(path: Path, top: int = 22) -> list[str]:
+    """Inclusive share of the samples of each function (a function counted once per stack)."""
+    import collections
+
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return [f"  (no profile at {path})"]
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        seen = set()
+        for frame in stack.split(";"):
+            name, _, where = frame.partition(" (")
+            key = f"{name} ({where.split(':')[0]})" if where else name
+            if key not in seen:
+                seen.add(key)
+                incl[key] += n
+    if not total:
+        return ["  (no samples)"]
+    rows = [(v, k) for k, v in incl.most_common() if not _PLUMBING.search(k)][:top]
+    return [f"  {100 * v / total:5.1f}%  {k.replace(str(ROOT) + '/', '')[:120]}" for v, k in rows] + [f"  ({total} samples)"]
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+
+def migrate(env: dict) -> None:
+    done = subprocess.run([sys.executable, "manage.py", "migrate", "--no-input", "-v0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"migrate failed:\n{done.stdout}\n{done.stderr}")
+
+
+async def csrf_token(port: int, cookies: dict) -> tuple[str, str]:
+    status, headers, body = await http(port, "GET", "/sessions/new/", cookies)
+    if status != 200:
+        raise RuntimeError(f"GET /sessions/new/ answered {status}")
+    cookie = next(v.split(";")[0].split("=", 1)[1] for k, v in headers if k.lower() == "set-cookie" and v.startswith("csrftoken="))
+    m = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', body)
+    return cookie, m.group(1).decode()
+
+
+def run_backend(name: str, env: dict, tmp: Path, plan: Plan, token: str, db_name: str | None) -> tuple[list[Result], dict]:
+    """Start the processes of one backend, warm them up, run every scenario, stop them."""
+    procs: list[Proc] = []
+    helper: Helper | None = None
+    saved = dict(os.environ)
+    info: dict = {}
+    try:
+        os.environ.clear()
+        os.environ.update(env)  # the helper is spawned with this environment
+        print(f"{elapsed()} {name}: migrating, starting the server and worker(s)", file=sys.stderr)
+        migrate(env)
+        helper = Helper()
+        fx = helper.request("setup", token, max(plan.concurrency))
+        port = free_port()
+        if name == "embedded":
+            server = Proc("server", [sys.executable, "manage.py", "serve", "--host", HOST, "--port", str(port)],
+                          env, tmp / f"{name}-server.log")
+            procs.append(server)
+            workers = [server]
+        else:
+            server = Proc("server", [sys.executable, "manage.py", "serve", "--no-worker", "--host", HOST, "--port",
+                                     str(port)], env, tmp / f"{name}-server.log")
+            procs.append(server)
+            workers = []
+            for i in range(plan.workers):
+                w = Proc(f"worker{i + 1}", [sys.executable, "manage.py", "runworker", "orchestrator"], env,
+                         tmp / f"{name}-worker{i + 1}.log")
+                procs.append(w)
+                workers.append(w)
+        server.wait_for("Serving on")
+        for w in workers:
+            w.wait_for("serving (up to")
+
+        async def go() -> list[Result]:
+            # The CSRF cookie is not tied to a login: one token serves every user.
+            csrf_cookie, csrf = await csrf_token(port, {"sessionid": fx["cookies"][0]})
+            cookies = [{"sessionid": c, "csrftoken": csrf_cookie} for c in fx["cookies"]]
+            ctx = {"port": port, "cookies": cookies, "csrf": csrf, "helper": helper, "server_pid": server.pid,
+                   "worker_pids": [w.pid for w in workers], "db_name": db_name}
+            # Warm-up: the worker, its threads and connections; not reported, but checked.
+            warm = await run_scenario(name, 1, plan.warmup, ctx, plan)
+            info["warmup_check"] = warm.check
+            out = []
+            for n in plan.concurrency:
+                profilers = []
+                if plan.py_spy and n == max(plan.concurrency):
+                    profilers = [Profiler(plan.py_spy, w.pid, tmp / f"{name}-{w.name}.raw") for w in workers]
+                    await asyncio.sleep(1.0)  # py-spy attaches
+                out.append(await run_scenario(name, n, plan.single_reps if n == 1 else plan.multi_rounds, ctx, plan))
+                for prof in profilers:
+                    prof.stop()
+                    info.setdefault("profiles", []).append((f"{name} {prof.out.stem.split('-', 1)[1]}, {n} runs", prof.out))
+            return out
+
+        results = asyncio.run(go())
+        info["vendor"] = fx["vendor"]
+        info["live_limit"] = fx["live_limit"]
+        for p in procs:
+            text = p.text()
+            crashes = text.count("Exception inside application") + text.count("Traceback")
+            if crashes:
+                info.setdefault("notes", []).append(f"{crashes} traceback(s) in the {name} {p.name} log ({p.log.name})")
+            if p.process.poll() is not None:
+                raise RuntimeError(f"{name} {p.name} died during the run:\n{p.tail()}")
+        return results, info
+    finally:
+        if helper is not None:
+            helper.stop()
+        for p in procs:
+            p.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def pg_database(admin_url: str, db_name: str, create: bool) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))
+        if create:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
+
+
+def pg_settings(admin_url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("select current_setting('server_version'), current_setting('synchronous_commit'), "
+                           "current_setting('fsync')").fetchone()
+    return f"PostgreSQL {row[0]} (synchronous_commit={row[1]}, fsync={row[2]})"
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _table(cols: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))))
+    for r in rows:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+
+
+def report(results: dict[str, list[Result]], floor: dict[int, Result], header: list[str]) -> None:
+    for line in header:
+        print(line)
+    print()
+    cols = ["backend", "runs", "rounds", "events", "events/s", "floor ev/s", "time vs floor", "1st frag p50 ms",
+            "p95 ms", "max ms", "floor 1st p50", "target", "POST p50 ms", "reconn", "lease age s", "lost/dup/reord",
+            "log dup/miss/reord", "takeovers"]
+    rows = []
+    for backend, rs in results.items():
+        for r in rs:
+            f = floor.get(r.runs)
+            target_ms = 50 if r.runs == 1 else 200 if r.runs >= 50 else None
+            met = []
+            if target_ms is not None:
+                met.append("1st " + ("met" if max(r.first_ms, default=math.inf) <= target_ms else "MISSED"))
+            if r.runs >= 50:
+                met.append("ev/s " + ("met" if r.rate >= 1000 else "MISSED"))
+            # The same work in wall time: the app's time for its events over the floor's time for the floor's events.
+            ratio = (r.wall_s / r.rounds) / (f.wall_s / f.rounds) if f and f.wall_s else math.nan
+            rows.append([
+                backend, str(r.runs), str(r.rounds), str(r.events), f"{r.rate:.0f}", f"{f.rate:.0f}" if f else "-",
+                f"{ratio:.2f}x" if ratio == ratio else "-", f"{pct(r.first_ms, 50):.0f}", f"{pct(r.first_ms, 95):.0f}",
+                f"{max(r.first_ms, default=math.nan):.0f}", f"{pct(f.first_ms, 50):.0f}" if f else "-",
+                ", ".join(met) or "-", f"{pct(r.post_ms, 50):.0f}", str(r.reconnects),
+                f"{r.beat_age_max:.0f}" + (f" ({r.lapsed_max} lapsed)" if r.lapsed_max else ""),
+                r.check.delivery(), r.check.log(), str(r.check.takeovers),
+            ])
+    _table(cols, rows)
+    print()
+    cols = ["backend", "runs", *(f"{st} p50 (max)" for st in STAGES)]
+    rows = []
+    for backend, rs in results.items():
+        for r in rs:
+            rows.append([backend, str(r.runs)] + [
+                f"{pct(r.stages.get(st, []), 50):.0f} ({max(r.stages.get(st, []), default=math.nan):.0f})" for st in STAGES
+            ])
+    print("Start -> first agent fragment, stage by stage (ms after Start; rows' created_at on the client's time line):")
+    _table(cols, rows)
+    print()
+    cols = ["backend", "runs", "server MiB", "worker MiB", "run procs (peak)", "MiB/run proc", "total idle->peak MiB",
+            "MiB per run", "MiB per live run"]
+    rows = []
+    for backend, rs in results.items():
+        for r in rs:
+            m = r.mem
+            per_run = (m["peak_total"] - m["idle_total"]) / r.runs
+            server = "(in worker)" if backend == "embedded" else f"{m['idle_server']:.0f}->{m['peak_server']:.0f}"
+            workers = f"{m['idle_workers']:.0f}->{m['peak_workers']:.0f}"
+            split = "+".join(str(c) for c in r.children_by_worker) if len(r.children_by_worker) > 1 else ""
+            rows.append([
+                backend, str(r.runs), server, workers,
+                f"{m['peak_run_count']:.0f}" + (f" ({split})" if split else ""),
+                f"{m['peak_runs'] / max(m['peak_run_count'], 1):.0f} (max {m['peak_run_max']:.0f})",
+                f"{m['idle_total']:.0f}->{m['peak_total']:.0f}", f"{per_run:.0f}", f"{m['per_live_run']:.0f}",
+            ])
+    for n, f in sorted(floor.items()):
+        rows.append(["floor", str(n), "-", "-", f"{f.mem['peak_run_count']:.0f}",
+                     f"{f.mem['peak_runs'] / max(f.mem['peak_run_count'], 1):.0f} (max {f.mem['peak_run_max']:.0f})",
+                     "-", f"{f.mem['peak_runs'] / n:.0f}", f"{f.mem['peak_runs'] / max(f.mem['peak_run_count'], 1):.0f}"])
+    _table(cols, rows)
+    print()
+    kinds = ["runs", "worker", "server", "postgres", "redis", "client", "other"]
+    cols = ["backend", "runs", "CPU s", "CPU ms/event"] + [f"{k} ms/ev" for k in kinds]
+    rows = []
+    for backend, rs in [*results.items(), ("floor", [floor[n] for n in sorted(floor)])]:
+        for r in rs:
+            ev = max(r.events, 1)
+            rows.append([backend, str(r.runs), f"{r.cpu.get('machine', 0):.1f}", f"{r.cpu.get('machine', 0) * 1000 / ev:.2f}"]
+                        + [f"{r.cpu.get(k, 0) * 1000 / ev:.2f}" for k in kinds])
+    _table(cols, rows)
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{n} {version(n)}" for n in ["Django", "channels", "daphne", "channels-redis", "autogen-agentchat"])
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 and 10 runs, fewer repetitions (about 70 s)")
+    parser.add_argument("--backends", default="embedded,postgres", help="comma-separated: embedded, postgres")
+    parser.add_argument("--concurrency", help="comma-separated concurrent runs (default 1,10,50)")
+    parser.add_argument("--single-reps", type=int, help="repetitions of the 1-run scenario")
+    parser.add_argument("--rounds", type=int, help="repetitions of each N-run scenario")
+    parser.add_argument("--workers", type=int, help="runworker processes on PostgreSQL + Redis (default 2)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the engine-only floor")
+    parser.add_argument("--profile", action="store_true",
+                        help="record the worker process(es) with py-spy (PY_SPY or on PATH) during the largest scenario")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, SQLite database)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    plan = Plan.quick() if args.quick else Plan()
+    if args.concurrency:
+        plan.concurrency = tuple(int(x) for x in args.concurrency.split(","))
+    if args.single_reps:
+        plan.single_reps = args.single_reps
+    if args.rounds:
+        plan.multi_rounds = args.rounds
+    if args.workers:
+        plan.workers = args.workers
+    plan.floor = not args.no_floor
+    if args.profile:
+        plan.py_spy = os.environ.get("PY_SPY") or shutil.which("py-spy") or ""
+        if not plan.py_spy:
+            print("--profile needs py-spy: `pip install py-spy` somewhere, and PY_SPY=its path", file=sys.stderr)
+            return 2
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    token = secrets.token_hex(4)
+    tmp = Path(tempfile.mkdtemp(prefix="run-bench-"))
+    script_path = tmp / "replay.json"
+    script_path.write_text(json.dumps(replay_script(plan.messages, plan.message_bytes)))
+    max_runs = max(plan.concurrency)
+    base_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CHANNELS_PREFIX")}
+    base_env.update({
+        "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE") or "cmbagent_site.settings",
+        "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(50),
+        "CMBAGENT_MODEL_PROVIDER": "replay",
+        "CMBAGENT_REPLAY_SCRIPT": str(script_path),
+        "CMBAGENT_OFFLINE_LATENCY": "0",
+        "WORKER_MAX_RUNS": str(max_runs),  # default 4: raised so that the worker never caps the concurrency
+        "PYTHONUNBUFFERED": "1",
+    })
+    redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    admin_url = os.environ.get("BENCH_PG_ADMIN_URL") or DEFAULT_PG_ADMIN_URL
+    db_name = f"cmbagent_bench_{os.getpid()}"
+    prefix = f"runbench{token}"
+    results: dict[str, list[Result]] = {}
+    floor: dict[int, Result] = {}
+    infos: dict[str, dict] = {}
+    notes: list[str] = []
+    header_db: list[str] = []
+    rconn = None
+    created_db = False
+    try:
+        print(f"run throughput benchmark in {tmp} ...", file=sys.stderr)
+        if plan.floor:
+            env = {**base_env, "CMBAGENT_VAR_DIR": str(tmp / "floor")}
+            for n in plan.concurrency:
+                floor[n] = asyncio.run(run_floor(n, plan.single_reps if n == 1 else plan.multi_rounds, env,
+                                                 tmp / "floor" / "work", plan))
+        for backend in backends:
+            if backend == "embedded":
+                env = {**base_env, "CMBAGENT_VAR_DIR": str(tmp / "embedded"), "EMBEDDED_WORKER": "1"}
+                results[backend], infos[backend] = run_backend(backend, env, tmp, plan, token, None)
+                header_db.append("embedded: `manage.py serve` (Daphne + run worker in one process), SQLite (WAL, "
+                                 "synchronous=NORMAL) in a temp dir, in-memory channel layer")
+            elif backend == "postgres":
+                try:
+                    import redis
+
+                    rconn = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+                    rconn.ping()
+                    pg_database(admin_url, db_name, create=True)
+                    created_db = True
+                    pg = pg_settings(admin_url)
+                except Exception as exc:  # noqa: BLE001 - reported, that backend is skipped
+                    notes.append(f"postgres backend skipped: {type(exc).__name__}: {exc}")
+                    print(notes[-1], file=sys.stderr)
+                    continue
+                db_url = admin_url.rsplit("/", 1)[0] + "/" + db_name
+                env = {**base_env, "CMBAGENT_VAR_DIR": str(tmp / "postgres"), "EMBEDDED_WORKER": "0",
+                       "DATABASE_URL": db_url, "REDIS_URL": redis_url, "CHANNELS_PREFIX": prefix}
+                results[backend], infos[backend] = run_backend(backend, env, tmp, plan, token, db_name)
+                header_db.append(f"postgres: `manage.py serve --no-worker` + {plan.workers} x `runworker orchestrator`, "
+                                 f"{pg}, channels_redis at {redis_url}")
+            else:
+                raise SystemExit(f"unknown backend {backend!r}")
+        header = [
+            "Run throughput: Start (new-session POST) -> fragments at the session's WebSocket client (loopback)",
+            f"script: {' and '.join(SPEAKERS)} handing off, {plan.messages} messages of {plan.message_bytes} bytes, "
+            f"the run pausing on its {plan.messages}-turn budget; mode {MODE}, replay model, no model latency",
+            f"each run: its own session and user, a client connected right after the POST; 1 run: {plan.single_reps} "
+            f"runs one after another; N runs: all Started at once, {plan.multi_rounds} round(s); warm-up not reported",
+            *header_db,
+            f"DEBUG={'on' if base_env.get('DEBUG', '1').strip().lower() in ('1', 'true', 'yes', 'on') else 'off'} "
+            f"(settings {base_env['DJANGO_SETTINGS_MODULE']}); WORKER_MAX_RUNS={max_runs} (default 4); "
+            f"MAX_LIVE_RUNS_PER_USER={next(iter(infos.values()), {}).get('live_limit', '?')} (one user per run); floor: the same runs as bare engine processes, events read "
+            "and dropped (no database, no layer, no socket)",
+            f"Python {platform.python_version()}, {versions()}",
+            f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+            f"total {time.monotonic() - started:.0f} s",
+        ]
+        for backend, info in infos.items():
+            header += [f"NOTE: {n}" for n in info.get("notes", [])]
+        header += [f"NOTE: {n}" for n in notes]
+        cpus = os.cpu_count() or 1
+        if load_before > 0.5 * cpus:
+            header.append("NOTE: the machine was busy before the run; the figures include that contention.")
+        report(results, floor, header)
+        total = Check()
+        for rs in results.values():
+            for r in rs:
+                total.add(r.check)
+        for f in floor.values():
+            total.add(f.check)
+        for info in infos.values():
+            total.add(info["warmup_check"])
+        print()
+        print(f"delivery: events lost {total.lost}, duplicated {total.duplicated}, reordered {total.reordered}, "
+              f"differing from their row {total.mismatched}")
+        print(f"log: agent messages written twice {total.log_duplicated}, missing {total.log_missing}, out of order "
+              f"{total.log_reordered}; runs not ending as scripted {total.bad_end}; takeovers {total.takeovers}")
+        for note in total.notes[:20]:
+            print(f"  {note}")
+        if len(total.notes) > 20:
+            print(f"  ... and {len(total.notes) - 20} more")
+        for info in infos.values():
+            for label, path in info.get("profiles", []):
+                print(f"\nwhere the {label} process spent its busy samples (py-spy, inclusive, all threads):")
+                print("\n".join(profile_summary(path)))
+        if args.json:
+            args.json.write_text(json.dumps({
+                "header": header,
+                "results": {b: [{**r.__dict__, "check": r.check.__dict__} for r in rs] for b, rs in results.items()},
+                "floor": {n: {**f.__dict__, "check": f.check.__dict__} for n, f in floor.items()},
+            }, indent=1, default=str))
+        return 0 if total.clean and results else 1
+    finally:
+        if created_db:
+            try:
+                pg_database(admin_url, db_name, create=False)
+            except Exception as exc:  # noqa: BLE001
+                print(f"could not drop database {db_name}: {exc}", file=sys.stderr)
+        if rconn is not None:
+            try:
+                keys = list(rconn.scan_iter(match=f"{prefix}*", count=1000))
+                if keys:
+                    rconn.delete(*keys)
+            except Exception:  # noqa: BLE001
+                pass
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
