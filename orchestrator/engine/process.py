@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import resource
 import signal
@@ -97,6 +98,10 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     spec = json.load(sys.stdin)
+    # autogen logs every model call and message as an event at WARNING and below; the run's
+    # events are its protocol lines, so only real problems reach the worker's stderr drain.
+    logging.getLogger("autogen_core.events").setLevel(logging.ERROR)
+    logging.getLogger("autogen_core").setLevel(logging.ERROR)
     limit = int(spec.get("memory_limit_mb") or 0)
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit * 1024 * 1024, limit * 1024 * 1024))
