@@ -22,6 +22,17 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CMBAGENT_VAR_DIR", BASE_DIR / "var"))
 
 
+def _private(path: Path) -> Path:
+    """Create ``path`` closed to other users: agent code runs as another user and must not read the database."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_uid == os.geteuid():
+        path.chmod(0o700)
+    return path
+
+
+_private(VAR_DIR)
+
+
 def _flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None:
@@ -30,6 +41,8 @@ def _flag(name: str, default: bool) -> bool:
 
 
 DEBUG = _flag("DEBUG", True)
+# Django's debug pages hide settings named like secrets; URLs and the channel layers carry passwords too.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "cmbagent_site.views.SecretSettingsFilter"
 
 
 def _secret_key() -> str:
@@ -158,7 +171,7 @@ APPROVAL_TIMEOUT_SECONDS = int(os.environ.get("APPROVAL_TIMEOUT_SECONDS", "0"))
 APPROVAL_EXPIRY_POLICY = os.environ.get("APPROVAL_EXPIRY_POLICY", "pending")  # reject, approve or pending
 # Address-space limit of each run's process (the engine); executed code has its own, smaller limits.
 RUN_MEMORY_LIMIT_MB = int(os.environ.get("RUN_MEMORY_LIMIT_MB", "4096"))
-RUNS_DIR = Path(os.environ.get("RUNS_DIR", VAR_DIR / "runs"))
+RUNS_DIR = Path(os.environ.get("RUNS_DIR", VAR_DIR / "runs"))  # closed to agent code too: see CodeRunner
 TASK_MAX_CHARS = 20_000
 # Per user: sessions queued or running at once (0: no limit); socket messages a page may send per second.
 MAX_LIVE_RUNS_PER_USER = int(os.environ.get("MAX_LIVE_RUNS_PER_USER", "10"))

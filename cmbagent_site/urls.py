@@ -7,6 +7,8 @@ from django.views.generic import RedirectView
 
 from cmbagent_site import views
 
+handler400 = "cmbagent_site.views.bad_request"
+
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="sessions:list", permanent=False)),
     path("sessions/", include("sessions.urls")),

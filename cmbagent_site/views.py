@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth.tokens import default_token_generator
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.utils.encoding import force_str
 from django.utils.http import urlsafe_base64_decode
+from django.views.debug import SafeExceptionReporterFilter
 from django.views.decorators.http import require_GET
 
 logger = logging.getLogger("sessions")
@@ -42,3 +45,26 @@ def login_link(request: HttpRequest, uidb64: str, token: str) -> HttpResponse:
         return render(request, "registration/login_link_invalid.html", status=400)
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     return redirect("sessions:list")
+
+
+class SecretSettingsFilter(SafeExceptionReporterFilter):
+    """Also hide settings that hold URLs (``REDIS_URL``, ``DATABASE_URL``) or the channel layers' hosts."""
+
+    hidden_settings = re.compile("API|TOKEN|KEY|SECRET|PASS|SIGNATURE|URL|CHANNEL_LAYERS|DATABASES", flags=re.I)
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """A 400 that says what was wrong: a body or a form too large, or a request the server could not read."""
+    from django.conf import settings
+
+    if isinstance(exception, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE / (1024 * 1024)
+        message = f"The request is too large: the server accepts at most {limit:.1f} MB of form data. Shorten the text and try again."
+    elif isinstance(exception, (TooManyFieldsSent, TooManyFilesSent)):
+        message = "The request has too many fields for the server to read."
+    else:
+        message = "The server could not read this request."
+    if request.headers.get("HX-Request"):
+        return render(request, "sessions/action_error.html", {"message": message}, status=400)
+    return render(request, "400.html", {"message": message}, status=400)
+

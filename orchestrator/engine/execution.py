@@ -159,6 +159,13 @@ class CodeRunner:
         interpreter, drop_to = sandbox_identity()
         if drop_to is not None:
             os.chown(self.work_dir, drop_to, drop_to)
+            self.work_dir.chmod(0o700)
+            # Every session's code runs as that one user: the folder holding the sessions' folders is
+            # closed to it, so code can neither list nor enter another session's folder (nor climb to
+            # the database). The child enters its own folder before dropping privileges.
+            parent = self.work_dir.parent
+            if parent.stat().st_uid == os.geteuid():
+                parent.chmod(0o700)
         before = _snapshot(self.work_dir)
         cpu = int(self.timeout) + 1
         proc = await asyncio.create_subprocess_exec(
