@@ -48,7 +48,10 @@ def decide(request: HttpRequest, request_id: UUID) -> HttpResponse:
             decision=form.cleaned_data["decision"],
             feedback=form.cleaned_data["feedback"],
             edits=form.edits(),
-            door=form.cleaned_data["door"] or Door.SESSION_PAGE,
+            # The staff queue is a door only for those who have it; anyone else decided on the session page.
+            door=Door.STAFF_QUEUE
+            if form.cleaned_data["door"] == Door.STAFF_QUEUE and request.user.has_perm("approvals.approvals")
+            else Door.SESSION_PAGE,
         )
     except PermissionError:
         return _refusal(request, "You may not decide this request.", back, status=403)

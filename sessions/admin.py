@@ -33,6 +33,9 @@ class EventAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # nor can events be taken out of it (a session is deleted whole)
+
 
 @admin.register(SessionState)
 class SessionStateAdmin(admin.ModelAdmin):

@@ -324,8 +324,11 @@ ADMIN_PAGES = {
     "approvals.approvalrequest": _APPROVAL_PAGES,
     "approvals.legacyapproval": _APPROVAL_PAGES,
     "agent_sessions.session": _SESSION_WITH_REQUESTS,
-    # The log is append-only in the admin: no add, no change (view only). Deleting is the superuser's.
-    "agent_sessions.event": {**_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403)},
+    # The log is append-only in the admin: no add, no change, no delete (view only; a session is deleted whole).
+    "agent_sessions.event": {
+        **_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403),
+        "delete": (403, 403, 403), "delete POST": (403, 403, 403),
+    },
     "agent_sessions.sessionstate": _SESSION_PAGES,
 }
 _changelist_of = lambda label: (lambda w, u: reverse(f"admin:{label.replace('.', '_')}_changelist"))  # noqa: E731
@@ -346,7 +349,7 @@ ADMIN_ACTIONS = {
         "delete_selected": ((200, "refused", "refused"), None),
     },
     "agent_sessions.session": {"delete_selected": ((403, 403, 403), None)},  # as its delete page
-    "agent_sessions.event": {"delete_selected": ((403, 403, "did"), _gone(Event, lambda w: w.event.pk))},
+    "agent_sessions.event": {"delete_selected": ((403, 403, 200), None)},  # no action offered: the changelist again, nothing deleted
     "agent_sessions.sessionstate": {"delete_selected": ((403, 403, "did"), _gone(SessionState, lambda w: w.session.pk))},
 }
 
