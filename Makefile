@@ -22,6 +22,8 @@ bench: venv
 	@.venv/bin/python bench/engine_overhead.py
 	@.venv/bin/python bench/push_latency.py
 	@.venv/bin/python bench/run_throughput.py
+	@.venv/bin/python bench/page_render.py
+	@.venv/bin/python bench/worker_memory.py
 
 clean:
 	rm -rf .venv var test-artifacts
