@@ -28,7 +28,6 @@ import asyncio
 import collections
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import re
@@ -47,8 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.support import HOST, LoggedProcess, PipeHelper, free_port  # noqa: E402 - needs ROOT on the path
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-HOST = "127.0.0.1"
 SEQ_RE = re.compile(rb'data-seq="(\d+)"')
 SEQ_MARK = "\x00seq\x00"  # the placeholder bench/bare_app.py fills in
 READY_FRAME = b'{"type": "ready"}'
@@ -205,46 +205,18 @@ def _producer_main(conn) -> None:
     asyncio.run(_producer_loop(conn))
 
 
-class Producer:
+class Producer(PipeHelper):
     def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_producer_main, args=(child,), name="bench-producer", daemon=True)
-        self.process.start()
-
-    def request(self, *cmd) -> dict:
-        self.conn.send(cmd)
-        status, result = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"producer failed:\n{result}")
-        return result
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.request("stop")
-            except (OSError, EOFError, RuntimeError):
-                pass
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
+        super().__init__(_producer_main, "bench-producer")
 
 
 # --- servers -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(LoggedProcess):
     def __init__(self, name: str, argv: list[str], port: int, env: dict, log: Path) -> None:
-        self.name, self.port, self.log = name, port, log
-        self._log_file = log.open("wb")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        super().__init__(name, argv, env, log)
+        self.port = port
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -264,18 +236,7 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
     def log_tail(self, lines: int = 30) -> str:
-        self._log_file.flush()
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log_file.close()
+        return self.tail(lines)
 
 
 # --- WebSocket clients (autobahn, already installed as Daphne's dependency) --------

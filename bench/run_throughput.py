@@ -43,13 +43,11 @@ import argparse
 import asyncio
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-HOST = "127.0.0.1"
+from bench.support import HOST, MIB, PAGE, LoggedProcess, PipeHelper, free_port, rss_mib  # noqa: E402 - needs ROOT on the path
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PG_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 SPEAKERS = ("idea_maker", "idea_hater")
@@ -76,8 +75,6 @@ ARTICLE_RE = re.compile(
 TURN_RE = re.compile(r"turn (\d+):")
 BADGE_RE = re.compile(rb'class="badge badge--([a-z_]+)"')
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-MIB = 1024 * 1024
 
 
 # --- the plan ------------------------------------------------------------------
@@ -134,14 +131,6 @@ def cpu_s(pid: int, *, children: bool = False) -> float:
         return 0.0
     i = 13 if children else 11
     return (int(f[i]) + int(f[i + 1])) / CLK_TCK
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * PAGE / MIB
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def machine_busy_s() -> float:
@@ -350,55 +339,15 @@ def _helper_main(conn) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
-class Helper:
+class Helper(PipeHelper):
     def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_helper_main, args=(child,), name="run-bench-helper", daemon=True)
-        self.process.start()
-
-    def request(self, *cmd):
-        self.conn.send(cmd)
-        status, result = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"helper failed:\n{result}")
-        return result
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.request("stop")
-            except (OSError, EOFError, RuntimeError):
-                pass
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
+        super().__init__(_helper_main, "run-bench-helper")
 
 
 # --- server and worker processes ----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], env: dict, log: Path) -> None:
-        self.name, self.log = name, log
-        self._log_file = log.open("wb")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def text(self) -> str:
-        self._log_file.flush()
-        return self.log.read_text(errors="replace")
-
+class Proc(LoggedProcess):
     def wait_for(self, needle: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -408,19 +357,6 @@ class Proc:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name}: no {needle!r} in its log after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log_file.close()
 
 
 # --- HTTP and WebSocket clients ----------------------------------------------------------
