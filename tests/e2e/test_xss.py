@@ -93,8 +93,8 @@ DOM_CHECK_JS = """
     if (forbiddenTags.has(tag)) problems.push(`<${tag}> element: ` + show(el));
     if (tag === 'script' && !(el.closest('head') && c.scripts.includes(el.getAttribute('src'))))
       problems.push('a script that is not the app\\'s: ' + show(el));
-    if (tag === 'link' && !(el.closest('head') && el.rel === 'stylesheet' && (el.getAttribute('href') || '').startsWith('/static/')))
-      problems.push('a link element that is not the app\\'s stylesheet: ' + show(el));
+    if (tag === 'link' && !(el.closest('head') && (el.rel === 'stylesheet' || el.rel === 'icon') && (el.getAttribute('href') || '').startsWith('/static/')))
+      problems.push('a link element that is not the app\\'s stylesheet or icon: ' + show(el));
     if (tag === 'meta' && (!el.closest('head') || el.hasAttribute('http-equiv')))
       problems.push('a meta element: ' + show(el));
     if (tag === 'img' && !(files && el.classList.contains('artifact-image') && (el.getAttribute('src') || '').startsWith(files)))
