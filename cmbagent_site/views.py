@@ -62,6 +62,8 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
         message = f"The request is too large: the server accepts at most {limit:.1f} MB of form data. Shorten the text and try again."
     elif isinstance(exception, (TooManyFieldsSent, TooManyFilesSent)):
         message = "The request has too many fields for the server to read."
+    elif type(exception).__name__ == "NulInRequest":
+        message = "The address holds a NUL character, which no page here accepts."
     else:
         message = "The server could not read this request."
     if request.headers.get("HX-Request"):

@@ -142,3 +142,9 @@ async def test_odd_socket_paths_are_refused_cleanly(socket_target, path):
         message = await ws.receive_output(timeout=5)
         assert message["type"] == "websocket.close" and message["code"] in (4403, 4404), message
     await ws.disconnect()
+
+
+@pytest.mark.parametrize("route", ["/sessions/?status=%00", "/admin/approvals/approvalrequest/?status=%00", "/approvals/?kind=a%00b", "/sessions/%00/"])
+def test_a_nul_in_the_address_is_a_clear_400_on_every_database(world, route):
+    response = world["staff"].get(route)
+    assert response.status_code == 400 and b"NUL character" in response.content
