@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.support import HOST, LoggedProcess, PipeHelper, free_port  # noqa: E402 - needs ROOT on the path
+from bench.support import HOST, LoggedProcess, PipeHelper, autobahn_client, free_port  # noqa: E402 - needs ROOT on the path
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SEQ_RE = re.compile(rb'data-seq="(\d+)"')
@@ -240,35 +240,9 @@ class Server(LoggedProcess):
 
 
 # --- WebSocket clients (autobahn, already installed as Daphne's dependency) --------
-
-# Imported on first use, in the client process only: django.setup() imports
-# Daphne, which pins txaio (autobahn's backend) to Twisted, so this process
-# never sets Django up; the producer process does the Django work.
+# This process never sets Django up (see bench.support.autobahn_client); the producer does the Django work.
 
 
-def _protocol_class():
-    global _PROTOCOL
-    if _PROTOCOL is None:
-        import txaio
-
-        txaio.use_asyncio()
-        from autobahn.asyncio.websocket import WebSocketClientFactory, WebSocketClientProtocol
-
-        class Protocol(WebSocketClientProtocol):
-            def onOpen(self) -> None:  # noqa: N802 - autobahn's names
-                self.factory.owner.on_open(self)
-
-            def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
-                self.factory.owner.on_message(time.monotonic_ns(), payload)
-
-            def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
-                self.factory.owner.on_close(code, reason)
-
-        _PROTOCOL = (WebSocketClientFactory, Protocol)
-    return _PROTOCOL
-
-
-_PROTOCOL = None
 
 
 class Client:
@@ -291,7 +265,7 @@ class Client:
 
     async def connect(self, timeout: float = 15.0) -> None:
         headers = {"Cookie": f"sessionid={self.cookie}"} if self.cookie else {}
-        factory_class, protocol_class = _protocol_class()
+        factory_class, protocol_class = autobahn_client(quiet=False)
         factory = factory_class(self.url, origin=f"http://{HOST}:{self.port}", headers=headers)
         factory.protocol = protocol_class
         factory.owner = self

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.support import HOST, MIB, PAGE, LoggedProcess, PipeHelper, free_port, rss_mib  # noqa: E402 - needs ROOT on the path
+from bench.support import HOST, MIB, PAGE, LoggedProcess, PipeHelper, autobahn_client, free_port, rss_mib  # noqa: E402 - needs ROOT on the path
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PG_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
@@ -380,32 +380,6 @@ async def http(port: int, method: str, path: str, cookies: dict[str, str], form:
     return int(head_lines[0].split()[1]), headers, rest
 
 
-_PROTOCOL = None
-
-
-def _protocol_class():
-    global _PROTOCOL
-    if _PROTOCOL is None:
-        import txaio
-
-        txaio.use_asyncio()
-        txaio.set_global_log_level("error")  # not a line per socket whose closing handshake times out
-        from autobahn.asyncio.websocket import WebSocketClientFactory, WebSocketClientProtocol
-
-        class Protocol(WebSocketClientProtocol):
-            def onOpen(self) -> None:  # noqa: N802 - autobahn's names
-                self.factory.owner.on_open(self)
-
-            def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
-                self.factory.owner.on_message(time.monotonic_ns(), payload)
-
-            def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
-                self.factory.owner.on_close(code, reason)
-
-        _PROTOCOL = (WebSocketClientFactory, Protocol)
-    return _PROTOCOL
-
-
 @dataclass
 class Arrival:
     seq: int
@@ -458,7 +432,7 @@ class Page:
     async def _connect(self) -> None:
         if self.done.done() or self.closing:
             return
-        factory_class, protocol_class = _protocol_class()
+        factory_class, protocol_class = autobahn_client(quiet=True)
         url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/"
         cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         factory = factory_class(url, origin=f"http://{HOST}:{self.port}", headers={"Cookie": cookie})

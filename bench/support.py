@@ -3,10 +3,12 @@ process spoken to over a pipe, and process memory. No Django here: the benchmark
 processes hold asyncio WebSocket clients, which must not share a process with Daphne's Twisted."""
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,3 +90,32 @@ class PipeHelper:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(5)
+
+
+@functools.lru_cache(maxsize=None)
+def autobahn_client(*, quiet: bool = False) -> tuple[type, type]:
+    """(factory class, protocol class) of an asyncio WebSocket client whose events go to ``factory.owner``.
+
+    Imported on first use, in the client process only: ``django.setup()`` imports Daphne,
+    which pins txaio (autobahn's backend) to Twisted. ``quiet``: no log line per socket
+    whose closing handshake times out.
+    """
+    import txaio
+
+    txaio.use_asyncio()
+    if quiet:
+        txaio.set_global_log_level("error")
+    from autobahn.asyncio.websocket import WebSocketClientFactory, WebSocketClientProtocol
+
+    class Protocol(WebSocketClientProtocol):
+        def onOpen(self) -> None:  # noqa: N802 - autobahn's names
+            self.factory.owner.on_open(self)
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+            self.factory.owner.on_message(time.monotonic_ns(), payload)
+
+        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+            self.factory.owner.on_close(code, reason)
+
+    return WebSocketClientFactory, Protocol
+

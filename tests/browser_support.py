@@ -81,6 +81,21 @@ LIVE_PROBE = """
 })();
 """
 
+# Every state the connection indicator takes, in order, from the first paint on.
+CONNECTION_PROBE = """
+(() => {
+  window.__connection = [];
+  document.addEventListener('DOMContentLoaded', () => {
+    const seen = () => {
+      const el = document.getElementById('connection');
+      if (el && window.__connection[window.__connection.length - 1] !== el.dataset.state) window.__connection.push(el.dataset.state);
+    };
+    seen();
+    new MutationObserver(seen).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['data-state'], childList: true});
+  });
+})();
+"""
+
 TRANSCRIPT_JS = """
 () => Array.from(document.querySelectorAll('#transcript article')).map(a => ({
   seq: Number(a.dataset.seq),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import BrowserContext, Page, WebSocketRoute, expect
 
-from tests.browser_support import LIVE_PROBE, assert_matches_db, dom_transcript, start_session
+from tests.browser_support import CONNECTION_PROBE, LIVE_PROBE, assert_matches_db, dom_transcript, start_session
 from tests.e2e.conftest import serve
 
 pytestmark = pytest.mark.browser
@@ -26,21 +26,6 @@ RUN_TIMEOUT_MS = 90_000  # a slow run on a busy 2-core box
 TASK = "Estimate the CMB power spectrum peak positions."
 MIN_DROPS = 10
 PHONE = {"width": 390, "height": 844}
-
-# Records every state the connection indicator takes, from the first paint on.
-CONNECTION_PROBE = """
-(() => {
-  window.__connection = [];
-  document.addEventListener('DOMContentLoaded', () => {
-    const seen = () => {
-      const el = document.getElementById('connection');
-      if (el && window.__connection[window.__connection.length - 1] !== el.dataset.state) window.__connection.push(el.dataset.state);
-    };
-    seen();
-    new MutationObserver(seen).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['data-state'], childList: true});
-  });
-})();
-"""
 
 # Chromium logs its own "... violates the following Content Security Policy directive ..." line; this
 # says each violation on the console as well, with the directive and the script that caused it.

@@ -26,6 +26,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser_support import (
+    CONNECTION_PROBE,
     LIVE_PROBE,
     launch_chromium,
     log_in,
@@ -46,21 +47,6 @@ OUTAGE_SECONDS = 1.5  # how long server A stays down before it is started again 
 SESSION_TASKS = TASKS[:4]
 RUN_TIMEOUT = 120  # seconds, for every run to complete on a busy 2-core box
 RECONNECT_TIMEOUT_MS = 90_000  # htmx backs off (full jitter, doubling) while the server is down
-
-# Every state the connection indicator takes, in order, from the first paint on.
-CONNECTION_PROBE = """
-(() => {
-  window.__connection = [];
-  document.addEventListener('DOMContentLoaded', () => {
-    const seen = () => {
-      const el = document.getElementById('connection');
-      if (el && window.__connection[window.__connection.length - 1] !== el.dataset.state) window.__connection.push(el.dataset.state);
-    };
-    seen();
-    new MutationObserver(seen).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['data-state'], childList: true});
-  });
-})();
-"""
 
 
 # --- fixtures -------------------------------------------------------------------
