@@ -596,21 +596,24 @@ def run_finish(*, run_id: int, worker_id: str, status: str, detail: str = "") ->
 
 
 def _apply_early_decision(session_id: UUID | str) -> Run | None:
-    """Queue the run for a request decided while the run that asked it was still ending (holding the session lock)."""
-    from approvals.models import ApprovalRequest
-    from sessions import selectors
+    """Queue the run for a request decided while the run that asked it was still ending (holding the session lock).
 
-    request = hitl.open_request(selectors.engine_history(session_id))
-    if request is None:
+    Cheap when nothing was decided early: the newest approval event and its request, no read of the whole log.
+    """
+    from approvals.models import ApprovalRequest
+
+    asked = Event.objects.filter(session_id=session_id, kind=EventKind.APPROVAL).order_by("-seq").first()
+    if asked is None:
         return None
+    answered = Event.objects.filter(session_id=session_id, seq__gt=asked.seq).exclude(kind__in=[EventKind.STATUS, EventKind.ERROR])
     early = (
-        ApprovalRequest.objects.filter(session_id=session_id, status__in=["decided", "expired"], event_seq__isnull=False)
+        ApprovalRequest.objects.filter(session_id=session_id, event_seq=asked.seq, status__in=["decided", "expired"])
         .select_related("decided_by")
-        .order_by("-event_seq")
         .first()
     )
-    if early is None or not _asks(early, request):
+    if early is None or answered.exists():
         return None
+    request = EngineEvent(EventKind.APPROVAL, agent=asked.agent, content=asked.content, data=asked.data)
     session = Session.objects.get(pk=session_id)
     by = early.decided_by.get_username() if early.decided_by else "timeout policy"
     answer = hitl.Answer(early.decision, early.feedback, early.edits, by=by)
@@ -621,11 +624,3 @@ def _apply_early_decision(session_id: UUID | str) -> Run | None:
         # The run still ends as it asked; the cause is in the log for whoever looks next.
         _append(session_id, run_id=None, event=EngineEvent(EventKind.ERROR, content=f"The decision could not be applied: {exc}"))
         return None
-
-
-def _asks(row, request: EngineEvent) -> bool:
-    """Whether approval request ``row`` is the one the log's open ``request`` event asks."""
-    from sessions.models import Event
-
-    seq = Event.objects.filter(session_id=row.session_id, kind="approval").order_by("-seq").values_list("seq", flat=True).first()
-    return row.event_seq == seq and row.kind == request.data.get("request")
