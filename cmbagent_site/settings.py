@@ -6,6 +6,7 @@ SECRET_KEY    generated once into var/secret_key for local use; required when DE
 DEBUG         "1"/"true" to turn on (default on for the embedded local setup)
 ALLOWED_HOSTS comma-separated (default: localhost names)
 EMBEDDED_WORKER  "0" to keep the run worker out of the server process
+CMBAGENT_DIAGNOSTICS  "1" to serve /_diagnostics/ to loopback clients (task and channel-buffer counts; tests only)
 """
 from __future__ import annotations
 
@@ -163,8 +164,12 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 EMBEDDED_WORKER = _flag("EMBEDDED_WORKER", True)
+# Off by default: see cmbagent_site/diagnostics.py.
+DIAGNOSTICS = _flag("CMBAGENT_DIAGNOSTICS", False)
 WORKER_MAX_RUNS = int(os.environ.get("WORKER_MAX_RUNS", "4"))
 WORKER_LEASE_SECONDS = int(os.environ.get("WORKER_LEASE_SECONDS", "30"))
+# Run processes each worker keeps forked ahead, waiting for the next run (0: fork each run when it starts).
+WORKER_SPARE_PROCESSES = int(os.environ.get("WORKER_SPARE_PROCESSES", "1"))
 # The session page shows this many of the newest events and loads older ones as the reader scrolls up.
 TRANSCRIPT_WINDOW = int(os.environ.get("TRANSCRIPT_WINDOW", "200"))
 # Approval requests: seconds until the expiry policy applies (0: never), and that policy.

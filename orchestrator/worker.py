@@ -29,7 +29,7 @@ from django.db import InterfaceError, OperationalError
 
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.hitl import Policy
-from orchestrator.engine.process import EngineProcess
+from orchestrator.engine.process import EngineProcess, warm_launcher
 from sessions import selectors, services
 from sessions.groups import WORKER_CHANNEL
 from sessions.models import Event, Run, Session
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_RETRY_SECONDS = 5
 STOP_POLL_SECONDS = 0.5  # how often a running run checks for Cancel or Suspend
+BATCH_EVENTS = 100  # the most events one transaction writes for a run
 TAIL_KINDS = {EventKind.TASK, EventKind.MESSAGE, EventKind.HANDOFF, EventKind.TOOL_CALL, EventKind.TOOL_RESULT}
 
 
@@ -104,6 +105,7 @@ class RunWorker:
         self.watched: dict[int, tuple[str, EngineProcess, dict[str, str]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self.spares = 0  # processes kept forked ahead (set when serving; a one-off execute forks its run)
 
     # The worker serving in this process, woken by the orchestrator channel's consumer.
     in_this_process: RunWorker | None = None
@@ -122,6 +124,11 @@ class RunWorker:
         """
         RunWorker.in_this_process = self
         await self._wait_for_schema()
+        # The launcher every run's process is forked from: started now, so the first run starts at once.
+        await asyncio.to_thread(warm_launcher)
+        # A serving worker keeps processes forked ahead, so a run starts without waiting even for the fork.
+        self.spares = settings.WORKER_SPARE_PROCESSES
+        await EngineProcess.keep_spares(self.spares)
         logger.info("worker %s serving (up to %d runs)", self.worker_id, self.max_runs)
         listener = asyncio.get_running_loop().create_task(self._listen()) if listen else None
         try:
@@ -132,6 +139,7 @@ class RunWorker:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
                 self._wake.clear()
         finally:
+            EngineProcess.discard_spares()
             if listener is not None:
                 listener.cancel()
             if self._watcher is not None:
@@ -235,7 +243,7 @@ class RunWorker:
         ``observer``, if given, sees each Event row after it is committed.
         """
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
-        append = database_sync_to_async(services.event_append)
+        append = database_sync_to_async(services.events_append)
         status, detail = Run.Status.FAILED, ""
         stop: dict[str, str] = {}
         child: EngineProcess | None = None
@@ -256,30 +264,38 @@ class RunWorker:
                 "answer": run.answer,
                 "memory_limit_mb": settings.RUN_MEMORY_LIMIT_MB,
             }
-            child = await EngineProcess.spawn(spec)
+            child = await EngineProcess.spawn(spec, spares=self.spares)
             self.children[run.pk] = child
             self._watch_run(run.pk, owner, child, stop)
             outcome: dict | None = None
             fatal: dict | None = None
-            async for message in child.messages():
-                if message["type"] == "event":
-                    event = EngineEvent.from_dict(message["event"])
-                    if event.kind in TAIL_KINDS:
-                        tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
-                    row = await append(
+            async for first in child.messages():
+                # Whatever else the run wrote while the last batch was committing goes in this one.
+                events: list[EngineEvent] = []
+                checkpoint: dict | None = None
+                for message in [first, *child.ready(BATCH_EVENTS - 1)]:
+                    if message["type"] == "event":
+                        event = EngineEvent.from_dict(message["event"])
+                        if event.kind in TAIL_KINDS:
+                            tail.append({"agent": event.agent, "kind": str(event.kind), "content": event.content[:2000]})
+                        events.append(event)
+                        checkpoint = message["checkpoint"]
+                    elif message["type"] == "outcome":
+                        outcome = message
+                    elif message["type"] == "fatal":
+                        fatal = message
+                if events:
+                    rows = await append(
                         session_id=session.pk,
                         run_id=run.pk,
-                        event=event,
-                        checkpoint=message["checkpoint"],
+                        events=events,
+                        checkpoint=checkpoint,
                         conversation_tail=list(tail),
                         worker_id=owner,
                     )
                     if observer is not None:
-                        observer(row)
-                elif message["type"] == "outcome":
-                    outcome = message
-                elif message["type"] == "fatal":
-                    fatal = message
+                        for row in rows:
+                            observer(row)
             code = await child.wait()
             if stop.get("request"):
                 status = stop["request"]
@@ -288,11 +304,11 @@ class RunWorker:
                 return  # another worker holds the run now
             elif fatal is not None:
                 detail = fatal["detail"]
-                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=owner)
+                await append(session_id=session.pk, run_id=run.pk, events=[EngineEvent(EventKind.ERROR, content=detail)], worker_id=owner)
             elif outcome is None:
                 detail = f"The run's process ended unexpectedly: {child.describe_exit(code)}. Retry goes on from the last saved event."
                 logger.warning("run %s: %s", run.pk, detail)
-                await append(session_id=session.pk, run_id=run.pk, event=EngineEvent(EventKind.ERROR, content=detail), worker_id=owner)
+                await append(session_id=session.pk, run_id=run.pk, events=[EngineEvent(EventKind.ERROR, content=detail)], worker_id=owner)
             elif outcome["status"] == "completed":
                 status, detail = Run.Status.COMPLETED, "The team finished the task."
             elif outcome["status"] == "paused":
@@ -335,7 +351,7 @@ class RunWorker:
         finally:
             self.children.pop(run.pk, None)
             self.watched.pop(run.pk, None)
-            if child is not None and child.process.returncode is None:
+            if child is not None and child.returncode is None:
                 child.kill()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(child.wait())

@@ -61,21 +61,23 @@ def _send(kind: str, target: str, message: dict[str, Any]) -> None:
         logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
 
 
-def _announce_event(row: Event) -> None:
+def _announce_events(rows: Sequence[Event]) -> None:
+    """After commit, tell the session's sockets that ``rows`` (consecutive seqs) are ready, rendered once for all."""
+
     def announce() -> None:
         # Rendered once here, after commit, for every socket watching: a socket
-        # whose cursor is just before this seq sends it as it is; any other
+        # whose cursor is just before the first seq sends it as it is; any other
         # reads the rows itself, so the note is a shortcut, never the truth.
-        note: dict[str, Any] = {"type": "session.event", "seq": row.seq}
+        note: dict[str, Any] = {"type": "session.event", "first": rows[0].seq, "seq": rows[-1].seq}
         try:
-            session = Session.objects.select_related("state").get(pk=row.session_id)
-            html = render_push(session, [row])
+            session = Session.objects.select_related("state").get(pk=rows[0].session_id)
+            html = render_push(session, rows)
         except Exception:  # noqa: BLE001 - listeners fall back to reading the rows
-            logger.warning("could not render event %s of session %s", row.seq, row.session_id, exc_info=True)
+            logger.warning("could not render events %s-%s of session %s", rows[0].seq, rows[-1].seq, rows[0].session_id, exc_info=True)
         else:
             if len(html) <= NOTE_HTML_LIMIT:
                 note["html"] = html
-        _send("group", session_group(row.session_id), note)
+        _send("group", session_group(rows[0].session_id), note)
 
     transaction.on_commit(announce)
 
@@ -201,9 +203,14 @@ def _status_event(status: str, detail: str = "") -> EngineEvent:
 
 
 def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, worker_id: str = "") -> Event:
-    """Allocate the next seq under the session row's lock and write the event.
+    """Write one event: :func:`_append_many` with one."""
+    return _append_many(session_id, run_id=run_id, events=[event], worker_id=worker_id)[0]
 
-    Must run inside a transaction. Applies the event's effect on the session
+
+def _append_many(session_id: UUID | str, *, run_id: int | None, events: Sequence[EngineEvent], worker_id: str = "") -> list[Event]:
+    """Allocate the next seqs under the session row's lock and write the events, in order.
+
+    Must run inside a transaction. Applies the events' effect on the session
     (status, token totals) in the same transaction. With ``worker_id``, the
     write is fenced: it fails with :class:`LeaseLostError` unless that worker
     still holds the run's lease, so a worker presumed dead cannot add to a
@@ -212,40 +219,58 @@ def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, w
     session = Session.objects.select_for_update().only("pk", "last_seq", "owner_id", "usage").get(pk=session_id)
     if worker_id and not Run.objects.filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING).exists():
         raise LeaseLostError(f"Worker {worker_id} no longer holds run {run_id}.")
-    seq = session.last_seq + 1
-    changes: dict[str, Any] = {"last_seq": seq, "updated_at": timezone.now()}
-    if event.kind == EventKind.STATUS:
-        changes["status"] = event.data["status"]
-    cost = Decimal(str(round(event.cost_usd, 6)))
-    if event.prompt_tokens or event.completion_tokens:
-        changes["prompt_tokens"] = F("prompt_tokens") + event.prompt_tokens
-        changes["completion_tokens"] = F("completion_tokens") + event.completion_tokens
-        changes["cost_usd"] = F("cost_usd") + cost
-        usage = dict(session.usage or {})
-        mine = dict(usage.get(storable(event.agent) or "(unnamed)", {}))
-        mine["prompt"] = mine.get("prompt", 0) + event.prompt_tokens
-        mine["completion"] = mine.get("completion", 0) + event.completion_tokens
-        mine["cost"] = round(mine.get("cost", 0.0) + float(cost), 6)
-        usage[storable(event.agent) or "(unnamed)"] = mine
+    seq = session.last_seq
+    changes: dict[str, Any] = {"updated_at": timezone.now()}
+    usage: dict[str, Any] | None = None
+    prompt = completion = 0
+    total_cost = Decimal(0)
+    rows: list[Event] = []
+    for event in events:
+        seq += 1
+        if event.kind == EventKind.STATUS:
+            changes["status"] = event.data["status"]
+        cost = Decimal(str(round(event.cost_usd, 6)))
+        if event.prompt_tokens or event.completion_tokens:
+            prompt += event.prompt_tokens
+            completion += event.completion_tokens
+            total_cost += cost
+            usage = dict(session.usage or {}) if usage is None else usage
+            agent = storable(event.agent) or "(unnamed)"
+            mine = dict(usage.get(agent, {}))
+            mine["prompt"] = mine.get("prompt", 0) + event.prompt_tokens
+            mine["completion"] = mine.get("completion", 0) + event.completion_tokens
+            mine["cost"] = round(mine.get("cost", 0.0) + float(cost), 6)
+            usage[agent] = mine
+        rows.append(
+            Event(
+                session_id=session_id,
+                run_id=run_id,
+                seq=seq,
+                kind=str(event.kind),
+                agent=storable(event.agent),
+                content=storable(event.content),
+                data=storable(event.data),
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                cost_usd=cost,
+            )
+        )
+    changes["last_seq"] = seq
+    if usage is not None:
+        changes["prompt_tokens"] = F("prompt_tokens") + prompt
+        changes["completion_tokens"] = F("completion_tokens") + completion
+        changes["cost_usd"] = F("cost_usd") + total_cost
         changes["usage"] = usage
     Session.objects.filter(pk=session_id).update(**changes)
-    row = Event.objects.create(
-        session_id=session_id,
-        run_id=run_id,
-        seq=seq,
-        kind=str(event.kind),
-        agent=storable(event.agent),
-        content=storable(event.content),
-        data=storable(event.data),
-        prompt_tokens=event.prompt_tokens,
-        completion_tokens=event.completion_tokens,
-        cost_usd=cost,
-    )
-    _announce_event(row)
-    if event.kind == EventKind.STATUS:
+    if len(rows) == 1:
+        rows[0].save(force_insert=True)
+    else:
+        Event.objects.bulk_create(rows)
+    _announce_events(rows)
+    if "status" in changes:
         note = {"type": "session.status", "session": str(session_id), "status": changes["status"], "last_seq": seq}
         transaction.on_commit(lambda: _send("group", owner_group(session.owner_id), note))
-    return row
+    return rows
 
 
 def event_append(
@@ -258,12 +283,35 @@ def event_append(
     worker_id: str = "",
 ) -> Event:
     """Write one engine event and, with it, the state checkpoint: one transaction (fenced by ``worker_id``)."""
-    with transaction.atomic():
-        row = _append(session_id, run_id=run_id, event=event, worker_id=worker_id)
-        if event.kind == EventKind.APPROVAL:
-            from approvals.services import record_request
+    return events_append(
+        session_id=session_id, run_id=run_id, events=[event], checkpoint=checkpoint,
+        conversation_tail=conversation_tail, worker_id=worker_id,
+    )[0]
 
-            record_request(row)
+
+def events_append(
+    *,
+    session_id: UUID | str,
+    run_id: int | None,
+    events: Sequence[EngineEvent],
+    checkpoint: dict[str, Any] | None = None,
+    conversation_tail: Sequence[dict[str, Any]] | None = None,
+    worker_id: str = "",
+) -> list[Event]:
+    """Write engine events in order and, with them, the state checkpoint taken after the last: one
+    transaction (fenced by ``worker_id``), announced once after commit.
+
+    A worker writes whatever its run produced while the previous write was
+    committing, so under load one transaction carries many events; either all
+    of them and the checkpoint are stored, or none.
+    """
+    with transaction.atomic():
+        rows = _append_many(session_id, run_id=run_id, events=events, worker_id=worker_id)
+        for row in rows:
+            if row.kind == EventKind.APPROVAL:
+                from approvals.services import record_request
+
+                record_request(row)
         if checkpoint is not None:
             save_session_state(
                 session_id,
@@ -274,7 +322,7 @@ def event_append(
                 plan=checkpoint.get("plan"),
                 engine_state={k: v for k, v in checkpoint.items() if k not in {"plan", "context_variables"}},
             )
-    return row
+    return rows
 
 
 def _locked_session(session_id: UUID | str, user) -> Session:

@@ -64,7 +64,8 @@ async def test_run_persists_every_event_and_completes(alice):
     session, run, state = await _reload(session)
     assert (session.status, run.status, run.lease_owner) == ("completed", "completed", "")
     assert session.last_seq == PLANNING_EVENTS and session.total_tokens > 0
-    assert state.version == PLANNING_EVENTS - 3  # one checkpoint per engine event
+    # One checkpoint per write: each carries every event the run produced while the last one committed.
+    assert 1 <= state.version <= PLANNING_EVENTS - 3
     assert state.current_phase == "summary" and len(state.plan) == 3
     assert 0 < len(state.conversation_history) <= services.HISTORY_TAIL
 

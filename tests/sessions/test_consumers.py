@@ -203,3 +203,32 @@ async def test_a_page_that_floods_its_socket_is_told_and_closed(alice, settings)
     await ws.send_json_to({"type": "ping"})
     assert "too many messages too fast" in await ws.receive_from(timeout=5)
     assert (await ws.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4429}
+
+
+async def test_a_batch_note_is_sent_as_rendered_only_when_it_starts_right_after_the_cursor(alice):
+    """A worker announces a batch of events with one note (``first``..``seq``): sent as carried when it
+    starts at the socket's next seq, read from the rows when it does not."""
+    from channels.layers import get_channel_layer
+
+    from sessions.groups import session_group
+
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    await ws.connect()
+    await ws.send_json_to({"type": "hello", "after": 0})
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
+
+    layer = get_channel_layer()
+    await layer.group_send(session_group(session.pk), {"type": "session.event", "first": 2, "seq": 4, "html": "<p>carried 2-4</p>"})
+    assert await ws.receive_from(timeout=5) == "<p>carried 2-4</p>"
+    # The cursor is 4 now: a batch overlapping what the socket shows (3..5) is not sent as carried.
+    for text in ("two", "three", "four", "five"):
+        await _append(session, text)
+    frames = ""
+    while 'data-seq="5"' not in frames:
+        frames += await ws.receive_from(timeout=5)
+    await layer.group_send(session_group(session.pk), {"type": "session.event", "first": 3, "seq": 6, "html": "<p>overlap</p>"})
+    assert await ws.receive_nothing(timeout=0.3)  # nothing after 5 in the rows, and the overlap is never sent
+    assert SEQ.findall(frames) == ["5"] and "five" in frames and "overlap" not in frames
+    await ws.disconnect()

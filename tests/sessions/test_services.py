@@ -226,6 +226,68 @@ class TestRunLease:
         assert run.finished_at is not None
 
 
+@pytest.mark.django_db(transaction=True)
+class TestBatchedWrites:
+    """A worker writes whatever its run produced while the last write committed, in one transaction."""
+
+    def test_events_and_their_checkpoint_are_one_write_announced_once(self, alice, monkeypatch):
+        session = services.session_start(owner=alice, task="Batch", mode="one_shot")
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        base = Session.objects.get(pk=session.pk).last_seq  # the queued and running status events
+        notes = []
+        monkeypatch.setattr(services, "_send", lambda kind, target, message: notes.append(message))
+        events = [
+            EngineEvent(EventKind.MESSAGE, agent="engineer", content=f"m{i}", prompt_tokens=10, completion_tokens=5, cost_usd=0.001)
+            for i in range(5)
+        ]
+        checkpoint = {"phase": "execution", "step": 2, "plan": [{"n": 1}], "context_variables": {"k": 2}}
+        rows = services.events_append(
+            session_id=session.pk, run_id=run.pk, events=events, checkpoint=checkpoint,
+            conversation_tail=[{"agent": "engineer", "content": "m4"}], worker_id=run.lease_owner,
+        )
+        assert [row.seq for row in rows] == [base + i for i in range(1, 6)]
+        assert [row.pk is not None for row in rows] == [True] * 5
+        stored = list(Event.objects.filter(session=session, seq__gt=base).order_by("seq").values_list("seq", "content"))
+        assert stored == [(base + i + 1, f"m{i}") for i in range(5)]
+        session.refresh_from_db()
+        state = SessionState.objects.get(session=session)
+        assert session.last_seq == base + 5 and (session.prompt_tokens, session.completion_tokens) == (50, 25)
+        assert session.usage["engineer"] == {"prompt": 50, "completion": 25, "cost": 0.005}
+        assert state.version == 1 and (state.current_phase, state.current_step, state.plan) == ("execution", 2, [{"n": 1}])
+        [note] = [n for n in notes if n["type"] == "session.event"]
+        assert (note["first"], note["seq"]) == (base + 1, base + 5)
+        assert re.findall(r'data-seq="(\d+)"', note["html"]) == [str(base + i) for i in range(1, 6)]
+
+    def test_a_batch_after_the_lease_is_lost_writes_nothing(self, alice):
+        session = services.session_start(owner=alice, task="Batch", mode="one_shot")
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        Run.objects.filter(pk=run.pk).update(lease_owner="w2#feedbeef")
+        base = Session.objects.get(pk=session.pk).last_seq
+        version = SessionState.objects.get(session=session).version
+        with pytest.raises(services.LeaseLostError):
+            services.events_append(
+                session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner, checkpoint={"phase": "x"},
+                events=[EngineEvent(EventKind.MESSAGE, agent="engineer", content=f"m{i}") for i in range(3)],
+            )
+        session.refresh_from_db()
+        assert session.last_seq == base and Event.objects.filter(session=session).count() == base
+        assert SessionState.objects.get(session=session).version == version
+
+    def test_approval_requests_in_a_batch_are_each_recorded(self, alice):
+        from approvals.models import ApprovalRequest
+
+        session = services.session_start(owner=alice, task="Batch", mode="hitl_plan")
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        ask = EngineEvent(EventKind.APPROVAL, agent="control", content="Run it?", data={"request": "code", "options": ["approve", "reject"]})
+        services.events_append(
+            session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner,
+            events=[EngineEvent(EventKind.MESSAGE, agent="engineer", content="code"), ask],
+        )
+        [request] = ApprovalRequest.objects.filter(session=session)
+        last = Session.objects.get(pk=session.pk).last_seq
+        assert (request.event_seq, request.kind, request.question) == (last, "code", "Run it?")
+
+
 def test_a_user_may_have_only_so_many_live_sessions(alice, bob, settings):
     settings.MAX_LIVE_RUNS_PER_USER = 3
     started = [services.session_start(owner=alice, task=f"t{i}", mode="one_shot") for i in range(3)]
