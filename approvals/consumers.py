@@ -4,21 +4,19 @@ from __future__ import annotations
 import logging
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.paginator import Paginator
 from django.http import QueryDict
 from django.template.loader import render_to_string
 
 from approvals.services import QUEUE_GROUP
+from cmbagent_site.sockets import SocketConsumer
 
 logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 
 
-class ApprovalQueueConsumer(AsyncWebsocketConsumer):
-    joined = False
-
+class ApprovalQueueConsumer(SocketConsumer):
     async def connect(self) -> None:
         user = self.scope.get("user")
         await self.accept()
@@ -29,15 +27,10 @@ class ApprovalQueueConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.params = QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
-        await self.channel_layer.group_add(QUEUE_GROUP, self.channel_name)
-        self.joined = True
+        await self.join(QUEUE_GROUP)
         # The queue as it is now: whatever came or went between the page's render and this
         # socket (or during a reconnect) is never missed.
         await self.send(text_data=await self._rows())
-
-    async def disconnect(self, code: int) -> None:
-        if self.joined:
-            await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         return None  # the page only sends its hello; the queue is re-rendered on changes

@@ -9,7 +9,8 @@ REDIS_MAX_CONNECTIONS = int(os.environ.get("REDIS_MAX_CONNECTIONS", "2000"))
 
 def redis_layer(url: str, prefix: str = "cmbagent") -> dict[str, Any]:
     return {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        # channels-redis's layer with two leaks of socket churn stopped: see redis_layer.py.
+        "BACKEND": "cmbagent_site.redis_layer.RedisChannelLayer",
         "CONFIG": {
             # redis-py 8 times reads out after 5 s by default, which races the
             # 5 s blocking read channels-redis uses to receive: an idle socket's

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
@@ -19,3 +20,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
 ]
+if settings.DIAGNOSTICS:  # off by default; only for loopback clients even when on
+    from cmbagent_site.diagnostics import diagnostics
+
+    urlpatterns.append(path("_diagnostics/", diagnostics, name="diagnostics"))

@@ -15,10 +15,10 @@ import time
 import uuid
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.template.loader import render_to_string
 
+from cmbagent_site.sockets import SocketConsumer
 from sessions.fragments import render_push
 from sessions.groups import owner_group, session_group
 from sessions.models import Session
@@ -83,7 +83,7 @@ def _decide_from_socket(user, session_id: uuid.UUID, frame: dict) -> str:
     return ""
 
 
-class SessionConsumer(AsyncWebsocketConsumer):
+class SessionConsumer(SocketConsumer):
     group: str | None = None
     cursor: int | None = None
 
@@ -107,7 +107,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.session_id = session_id
         self.group = session_group(session_id)
         # Subscribe first, then read: nothing committed in between is missed.
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.join(self.group)
         await self.accept()
 
     async def _refuse(self, code: int) -> None:
@@ -115,10 +115,6 @@ class SessionConsumer(AsyncWebsocketConsumer):
         # handshake reaches the browser as 1006, which htmx would retry forever.
         await self.accept()
         await self.close(code=code)
-
-    async def disconnect(self, code: int) -> None:
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
 
     def _over_rate(self) -> bool:
         """A token bucket per socket: BURST at once, then SOCKET_MESSAGES_PER_SECOND."""
@@ -196,8 +192,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def session_event(self, message: dict) -> None:
         if self.cursor is None or message.get("seq", 0) <= self.cursor:
             return  # no hello yet (it will catch up), or already shown
-        if message["seq"] == self.cursor + 1 and message.get("html"):
-            # The very next event, rendered once by its writer: send it as is.
+        if message.get("first", message["seq"]) == self.cursor + 1 and message.get("html"):
+            # The very next events, rendered once by their writer: send them as they are.
             await self.send(text_data=message["html"])
             self.cursor = message["seq"]
         else:
@@ -214,10 +210,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 return
 
 
-class SessionListConsumer(AsyncWebsocketConsumer):
+class SessionListConsumer(SocketConsumer):
     """The session list's socket: a new status badge and event count whenever one of the user's sessions changes status."""
-
-    joined = ""
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -225,12 +219,7 @@ class SessionListConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        self.joined = owner_group(user.pk)
-        await self.channel_layer.group_add(self.joined, self.channel_name)
-
-    async def disconnect(self, code: int) -> None:
-        if self.joined:
-            await self.channel_layer.group_discard(self.joined, self.channel_name)
+        await self.join(owner_group(user.pk))
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         return None  # nothing to say: the list only listens
