@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test test-fast bench cluster venv clean
+.PHONY: run test test-fast bench bench-quick bench-load cluster venv clean
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -19,11 +19,15 @@ cluster:
 	@bash scripts/cluster.sh
 
 bench: venv
-	@.venv/bin/python bench/engine_overhead.py
-	@.venv/bin/python bench/push_latency.py
-	@.venv/bin/python bench/run_throughput.py
-	@.venv/bin/python bench/page_render.py
-	@.venv/bin/python bench/worker_memory.py
+	@.venv/bin/python bench/report.py
+
+# Every benchmark at a smaller scale (about 10 minutes); the README table says so.
+bench-quick: venv
+	@.venv/bin/python bench/report.py --quick
+
+# 200 concurrent sessions for 10 minutes on PostgreSQL + Redis (DATABASE_URL, REDIS_URL); about 13 min.
+bench-load: venv
+	@.venv/bin/python bench/load.py
 
 clean:
 	rm -rf .venv var test-artifacts

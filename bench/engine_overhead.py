@@ -55,6 +55,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from autogen_agentchat.base import TaskResult  # noqa: E402
+
+from bench.support import headline  # noqa: E402
 from autogen_agentchat.messages import BaseChatMessage, HandoffMessage, ThoughtEvent  # noqa: E402
 from autogen_agentchat.teams import Swarm  # noqa: E402
 from autogen_core import FunctionCall  # noqa: E402
@@ -410,6 +412,15 @@ def main() -> int:
         table, met = report(results)
         print()
         print(table)
+        by_key = {(s.turns, s.variant): s for s in results if s.samples}
+        ratios = ", ".join(
+            f"{turns} turns {by_key[(turns, 'engine')].median / by_key[(turns, 'bare')].median:.2f}x"
+            for turns in sorted({t for t, _ in by_key})
+        )
+        headline(
+            "engine_overhead.py", "the orchestrator (checkpoint per event) vs bare autogen Swarm, same conversation",
+            f"engine / bare median: {ratios}", f"<= {TARGET}x", "met" if met else "MISSED",
+        )
         if args.profile:
             print(asyncio.run(profile(max(args.lengths), Path(tmp), args.top)))
     load = os.getloadavg()

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.support import HOST, LoggedProcess, PipeHelper, autobahn_client, free_port  # noqa: E402 - needs ROOT on the path
+from bench.support import HOST, LoggedProcess, PipeHelper, autobahn_client, free_port, headline  # noqa: E402 - needs ROOT on the path
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SEQ_RE = re.compile(rb'data-seq="(\d+)"')
@@ -637,6 +637,16 @@ def main() -> int:
             header.append("NOTE: the machine was busy with other work; these figures include that contention.")
         print_report(results, scenarios, header)
         lost = sum(r.expected - r.received for r in results.values())
+        parts, met = [], True
+        for name in scenarios:
+            app, bare = results[(name, "app")], results[(name, "bare")]
+            ratio = app.p99_ms / bare.p99_ms if bare.p99_ms > 0 else math.inf
+            met = met and ratio <= 2
+            parts.append(f"{name}: p50 {app.p50_ms:.1f} ms, p99 {app.p99_ms:.1f} ms = {ratio:.2f}x bare p99")
+        headline(
+            "push_latency.py", f"event commit -> fragment at a WebSocket client vs a bare Channels consumer ({plan.sockets} sockets per session)",
+            "; ".join(parts) + f"; lost {lost}", "p99 <= 2x bare", "met" if met and not lost else "MISSED",
+        )
         if args.json:
             args.json.write_text(json.dumps({
                 "plan": asdict(plan), "header": header,

@@ -1,14 +1,24 @@
 """Pieces the benchmarks share: free loopback ports, logged child processes, a spawned helper
-process spoken to over a pipe, and process memory. No Django here: the benchmarks' own
-processes hold asyncio WebSocket clients, which must not share a process with Daphne's Twisted."""
+process spoken to over a pipe, process memory and CPU time from /proc, an HTTP client, the
+fragment patterns, PostgreSQL databases of their own, and table printing. No Django here: the
+benchmarks' own processes hold asyncio WebSocket clients, which must not share a process with
+Daphne's Twisted; the functions that use Django (``login_users``, ``serve_django_requests``)
+import it when they run, in the spawned helper process."""
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
+import math
 import multiprocessing as mp
 import os
+import re
 import socket
 import subprocess
+import sys
 import time
+import traceback
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
+
+
+RESULT_MARK = "RESULT "
+
+
+def headline(bench: str, measures: str, figures: str, target: str = "", verdict: str = "") -> None:
+    """Print a benchmark's headline as one machine-readable line; ``bench/report.py`` turns these into the
+    README's results table."""
+    print(RESULT_MARK + json.dumps({"bench": bench, "measures": measures, "figures": figures, "target": target, "verdict": verdict}), flush=True)
 
 
 def free_port() -> int:
@@ -51,6 +70,17 @@ class LoggedProcess:
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
+
+    def wait_for(self, needle: str, timeout: float = 60.0) -> None:
+        """Wait until ``needle`` is in the log; a process that exits first, or a timeout, raises with the log's tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.tail()}")
+            if needle in self.text():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: no {needle!r} in its log after {timeout:.0f} s:\n{self.tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -119,3 +149,203 @@ def autobahn_client(*, quiet: bool = False) -> tuple[type, type]:
 
     return WebSocketClientFactory, Protocol
 
+
+# --- /proc: CPU time and the processes of a worker ------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (index 0 is the state, 1 the parent pid)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_s(pid: int, *, children: bool = False) -> float:
+    """User + system CPU seconds of a process (``children``: of its reaped children)."""
+    f = proc_stat(pid)
+    if f is None:
+        return 0.0
+    i = 13 if children else 11
+    return (int(f[i]) + int(f[i + 1])) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    with open("/proc/stat", "rb") as fh:
+        v = [int(x) for x in fh.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / CLK_TCK  # all but idle and iowait
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pids_matching(pred) -> list[int]:
+    return [p for p in all_pids() if pred(cmdline(p))]
+
+
+def launchers_of(workers: list[int]) -> dict[int, int]:
+    """The run launcher (multiprocessing's forkserver) of each worker: launcher pid -> worker pid."""
+    parents = set(workers)
+    found = {}
+    for pid in all_pids():
+        f = proc_stat(pid)
+        if f is not None and int(f[1]) in parents and "multiprocessing.forkserver" in cmdline(pid):
+            found[pid] = int(f[1])
+    return found
+
+
+def runs_cpu_s(workers: list[int]) -> float:
+    """CPU seconds of the runs' processes: reaped by each worker's launcher, which lives as long as its worker."""
+    return sum(cpu_s(w, children=True) for w in workers) + sum(
+        cpu_s(launcher) + cpu_s(launcher, children=True) for launcher in launchers_of(workers)
+    )
+
+
+# --- the app over loopback: processes, HTTP, fragments ---------------------------------------------
+
+# One transcript event in a pushed or rendered fragment: (seq, kind, agent, inner HTML).
+ARTICLE_RE = re.compile(
+    rb'<article id="event-(\d+)" class="[^"]*" data-seq="\d+" data-kind="([a-z_]+)" data-agent="([^"]*)">(.*?)</article>',
+    re.S,
+)
+BADGE_RE = re.compile(rb'class="badge badge--([a-z_]+)"')  # a status event's new status, inside its article
+
+
+def migrate(env: dict) -> None:
+    done = subprocess.run([sys.executable, "manage.py", "migrate", "--no-input", "-v0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"migrate failed:\n{done.stdout}\n{done.stderr}")
+
+
+async def http(port: int, method: str, path: str, cookies: dict[str, str], form: dict | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, list, bytes]:
+    """One HTTP/1.1 request on a fresh connection: (status, headers, body)."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    body = urllib.parse.urlencode(form).encode() if form is not None else b""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close",
+             "Cookie: " + "; ".join(f"{k}={v}" for k, v in cookies.items())]
+    if form is not None:
+        lines += ["Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(body)}",
+                  f"Origin: http://{HOST}:{port}", f"Referer: http://{HOST}:{port}/sessions/new/"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    try:
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    head_lines = head.decode("latin-1").split("\r\n")
+    if not head_lines[0].startswith("HTTP/"):
+        raise ConnectionError(f"no HTTP answer to {method} {path} ({len(data)} bytes)")
+    answer_headers = [tuple(x.strip() for x in line.split(":", 1)) for line in head_lines[1:] if ":" in line]
+    return int(head_lines[0].split()[1]), answer_headers, rest
+
+
+async def csrf_token(port: int, cookies: dict) -> tuple[str, str]:
+    """(csrftoken cookie, form token) from the new-session page; not tied to a login, so one serves every user."""
+    status, headers, body = await http(port, "GET", "/sessions/new/", cookies)
+    if status != 200:
+        raise RuntimeError(f"GET /sessions/new/ answered {status}")
+    cookie = next(v.split(";")[0].split("=", 1)[1] for k, v in headers if k.lower() == "set-cookie" and v.startswith("csrftoken="))
+    m = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', body)
+    return cookie, m.group(1).decode()
+
+
+def pg_database(admin_url: str, db_name: str, create: bool) -> None:
+    """Drop ``db_name`` (if it exists) and, with ``create``, create it anew, through ``admin_url``."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db_name)))
+        if create:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_name)))
+
+
+def pg_settings(admin_url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("select current_setting('server_version'), current_setting('synchronous_commit'), "
+                           "current_setting('fsync')").fetchone()
+    return f"PostgreSQL {row[0]} (synchronous_commit={row[1]}, fsync={row[2]})"
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{n} {version(n)}" for n in ["Django", "channels", "daphne", "channels-redis", "autogen-agentchat"])
+
+
+# --- the Django helper process: requests over its pipe ----------------------------------------------
+
+
+def login_users(token: str, users: int, name: str = "run-bench") -> dict:
+    """In a helper process with Django set up: ``users`` new users, each logged in, and their session cookies."""
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client as DjangoClient
+
+    cookies = []
+    for i in range(users):
+        user = get_user_model().objects.create_user(username=f"{name}-{token}-{i}")
+        web = DjangoClient()
+        web.force_login(user)
+        cookies.append(web.cookies[settings.SESSION_COOKIE_NAME].value)
+    limit = getattr(settings, "MAX_LIVE_RUNS_PER_USER", 0)
+    return {"cookies": cookies, "vendor": connection.vendor, "live_limit": limit}
+
+
+def serve_django_requests(conn, handlers: dict[str, Callable]) -> None:
+    """The body of a :class:`PipeHelper` target: set Django up, then answer ``(name, *args)`` requests with
+    ``handlers[name](*args)`` until ``("stop",)``; a failure is sent back with its traceback."""
+    import django
+
+    django.setup()
+    import logging
+
+    logging.getLogger("sessions").setLevel(logging.WARNING)
+    while True:
+        cmd = conn.recv()
+        try:
+            if cmd[0] == "stop":
+                conn.send(("ok", None))
+                return
+            if cmd[0] not in handlers:
+                raise ValueError(cmd[0])
+            conn.send(("ok", handlers[cmd[0]](*cmd[1:])))
+        except Exception:  # noqa: BLE001 - reported to the parent
+            conn.send(("error", traceback.format_exc()))
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (NaN for none)."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+def print_table(cols: list[str], rows: list[list[str]]) -> None:
+    """Columns padded to their widest cell; the first left-aligned, the others right-aligned."""
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))))
+    for r in rows:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.support import rss_mib  # noqa: E402 - needs ROOT on the path
+from bench.support import headline, rss_mib  # noqa: E402 - needs ROOT on the path
 
 
 def script(turns: int) -> dict:
@@ -92,6 +92,11 @@ def main() -> int:
     print(
         f"worker RSS: {base[2]:.1f} MiB at {base[0]:,} events (baseline) -> {end[2]:.1f} MiB at {end[0]:,} "
         f"= {end[2] / base[2]:.2f}x baseline"
+    )
+    headline(
+        "worker_memory.py", f"worker RSS over a replayed run of {session.last_seq:,} events",
+        f"{base[2]:.1f} -> {end[2]:.1f} MiB ({end[2] / base[2]:.2f}x from {base[0]:,} to {end[0]:,} events)",
+        "flat", "met" if end[2] / base[2] <= 1.1 else "MISSED",
     )
     alive = [s for s in samples if s[3] == s[3]]  # the run's process may be gone at the last sample
     if len(alive) >= 2:
