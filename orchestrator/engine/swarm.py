@@ -143,10 +143,25 @@ class Checkpoint:
                 self.context_variables["last_feedback"] = event.data["feedback"][:500]
 
 
+# The worker's status events that follow a turn only once it is over: the run ended on its own.
+TURN_END_STATUSES = frozenset({"paused", "completed", "waiting_approval"})
+
+
+def _interrupts(event: EngineEvent) -> bool:
+    """Whether ``event`` is the worker's note of a run stopped, failed or claimed again: it can come in the
+    middle of a turn (a run killed between a tool result and its artifacts, then taken over), so it says
+    nothing about whether the turn before it was complete."""
+    if event.kind == EventKind.ERROR:
+        return True
+    if event.kind != EventKind.STATUS or event.data.get("auto_continue"):
+        return False
+    return event.data.get("status") not in TURN_END_STATUSES
+
+
 def _ends_turn(events: Sequence[EngineEvent], i: int) -> bool:
     """Whether the team could be started afresh right after ``events[i]``."""
     event = events[i]
-    following = events[i + 1] if i + 1 < len(events) else None
+    following = next((e for e in events[i + 1 :] if not _interrupts(e)), None)
     if is_budget(event):
         return False  # like the worker's status events: the turn before it ended (or not) on its own
     if event.kind in (EventKind.TASK, EventKind.HANDOFF, EventKind.APPROVAL, EventKind.DECISION):
@@ -157,8 +172,9 @@ def _ends_turn(events: Sequence[EngineEvent], i: int) -> bool:
         return bool(event.data.get("final"))
     if event.kind in (EventKind.TOOL_RESULT, EventKind.ARTIFACT):
         # Complete only once something else follows (the next turn, or the
-        # worker's "paused"): at the very end of the log, artifacts may still
-        # be missing, so the turn is done again and matched against the log.
+        # worker's "paused"): at the very end of the log, or before only a
+        # takeover's or a failure's status, artifacts may still be missing,
+        # so the turn is done again and matched against the log.
         return following is not None and following.kind not in (EventKind.ARTIFACT, EventKind.TOOL_RESULT)
     return False
 

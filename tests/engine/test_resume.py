@@ -93,6 +93,11 @@ def test_split_history_keeps_whole_turns():
     assert split_history([*events, result, artifact]) == (events[:3], [events[3], result, artifact])
     # Followed by the worker's pause, it is.
     assert split_history([*events, result, artifact, paused])[1] == [paused]
+    # Not by a takeover's, a failure's or a suspension's status: the run may have died before its artifacts.
+    for status in ("running", "queued", "failed", "suspended"):
+        note = EngineEvent(EventKind.STATUS, content="Taken over", data={"status": status})
+        assert split_history([*events, result, artifact, note]) == (events[:3], [events[3], result, artifact, note])
+        assert split_history([*events, result, note, artifact, paused])[1] == [paused]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -100,18 +105,22 @@ def test_split_history_keeps_whole_turns():
     cut=st.integers(min_value=0, max_value=45),
     mode=st.sampled_from(["planning_and_control", "one_shot", "copilot", "idea_generation"]),
     task=st.sampled_from([TASK, TASK + ", with one retry"]),
+    note=st.sampled_from([None, "running", "queued", "failed", "suspended"]),
 )
-@example(cut=9, mode="copilot", task=TASK)  # between a tool result and its artifacts
-@example(cut=10, mode="one_shot", task=TASK)
-@example(cut=12, mode="one_shot", task=TASK + ", with one retry")  # after the failed attempt
-def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode, task):
-    """Stop at any event boundary, serialise the log, continue in a fresh orchestrator: same transcript."""
+@example(cut=9, mode="copilot", task=TASK, note=None)  # between a tool result and its artifacts
+@example(cut=10, mode="one_shot", task=TASK, note=None)
+@example(cut=12, mode="one_shot", task=TASK + ", with one retry", note=None)  # after the failed attempt
+@example(cut=9, mode="copilot", task=TASK, note="running")  # taken over between a tool result and its artifacts
+def test_stop_anywhere_and_continue(tmp_path_factory, cut, mode, task, note):
+    """Stop at any event boundary, serialise the log (with the status the worker then writes: a takeover's,
+    a failure's, a suspension's), continue in a fresh orchestrator: same transcript."""
 
     async def scenario():
         base = tmp_path_factory.mktemp("resume")
         whole = await _collect(SwarmOrchestrator(task=task, mode=mode, work_dir=base / "whole"))
         at = min(cut, len(whole))
-        stored = json.loads(json.dumps([e.to_dict() for e in whole[:at]]))
+        notes = [EngineEvent(EventKind.STATUS, content=f"{note} at {at}", data={"status": note})] if note else []
+        stored = json.loads(json.dumps([e.to_dict() for e in whole[:at] + notes]))
         engine = SwarmOrchestrator(task=task, mode=mode, work_dir=base / "cut")
         rest = await _collect(engine, [EngineEvent.from_dict(d) for d in stored])
         assert engine.outcome.status == "completed"
