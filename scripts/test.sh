@@ -4,22 +4,24 @@
 #   2. the same suite on PostgreSQL + Redis (DATABASE_URL / REDIS_URL), plus the
 #      system tier: clusters of real server and worker processes (tests/system).
 # With CI=true a missing PostgreSQL, Redis or Chromium is a failure, not a skip.
+#
+# The three lanes (tier 1, tier 2, the system tier) run at the same time, each in
+# a pytest process of its own with its own temporary folder, test database and
+# artifacts folder: most of their time is spent waiting on servers, workers and
+# browsers, so together they take little longer than the longest. Each lane's
+# output is printed whole when it ends. TEST_SERIAL=1, or any pytest arguments
+# (they go to tiers 1 and 2), runs the tiers one after the other instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 PY=.venv/bin/python
-export CMBAGENT_VAR_DIR=${CMBAGENT_VAR_DIR:-$(mktemp -d)}
-export TEST_ARTIFACTS_DIR=${TEST_ARTIFACTS_DIR:-$PWD/test-artifacts}
+ARTIFACTS=${TEST_ARTIFACTS_DIR:-$PWD/test-artifacts}
 PG_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 REDIS=${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
 ci=${CI:-}
 
-echo "==> Tier 1: SQLite + in-memory channel layer"
-# The system tier (real server and worker processes) needs PostgreSQL + Redis: tier 2 runs it.
-env -u DATABASE_URL -u REDIS_URL "$PY" -m pytest -q --ignore=tests/system "$@"
-
-echo "==> Tier 2: PostgreSQL + Redis"
-if "$PY" - "$PG_URL" "$REDIS" <<'PYEOF'
+backends_up() {
+  "$PY" - "$PG_URL" "$REDIS" <<'PYEOF'
 import sys
 import psycopg, redis
 try:
@@ -29,11 +31,61 @@ except Exception as exc:
     print(f"PostgreSQL/Redis not reachable: {exc}", file=sys.stderr)
     sys.exit(1)
 PYEOF
-then
-  DATABASE_URL="$PG_URL" REDIS_URL="$REDIS" "$PY" -m pytest -q "$@"
-elif [ "$ci" = "true" ] || [ "$ci" = "1" ]; then
-  echo "FAIL: CI=true and PostgreSQL/Redis are not reachable ($PG_URL, $REDIS)." >&2
-  exit 1
-else
+}
+
+tier2=yes
+if ! backends_up; then
+  if [ "$ci" = "true" ] || [ "$ci" = "1" ]; then
+    echo "FAIL: CI=true and PostgreSQL/Redis are not reachable ($PG_URL, $REDIS)." >&2
+    exit 1
+  fi
   echo "SKIPPED tier 2: PostgreSQL/Redis not reachable (set TEST_DATABASE_URL / TEST_REDIS_URL)."
+  tier2=
 fi
+
+# lane NAME ARGS...: pytest in a temporary folder and an artifacts folder of the lane's own.
+lane() {
+  local name=$1
+  shift
+  CMBAGENT_VAR_DIR=$(mktemp -d) TEST_ARTIFACTS_DIR="$ARTIFACTS/$name" "$PY" -m pytest -q "$@"
+}
+tier1() { (unset DATABASE_URL REDIS_URL; lane tier1 --ignore=tests/system "$@"); }
+tier2() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane tier2 --ignore=tests/system "$@"); }
+# The system tier makes databases of its own from DATABASE_URL; its pytest process needs no test database.
+system() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane system tests/system); }
+
+if [ -n "${TEST_SERIAL:-}" ] || [ $# -gt 0 ]; then
+  echo "==> Tier 1: SQLite + in-memory channel layer"
+  # The system tier (real server and worker processes) needs PostgreSQL + Redis: tier 2 runs it.
+  tier1 "$@"
+  if [ -n "$tier2" ]; then
+    echo "==> Tier 2: PostgreSQL + Redis"
+    tier2 "$@"
+    [ $# -gt 0 ] || system
+  fi
+  exit 0
+fi
+
+logs=$(mktemp -d)
+declare -A pids
+started=$SECONDS
+echo "==> Tier 1 (SQLite + in-memory channel layer)${tier2:+, tier 2 (PostgreSQL + Redis) and the system tier}, at the same time"
+tier1 >"$logs/tier1.log" 2>&1 & pids[tier1]=$!
+if [ -n "$tier2" ]; then
+  tier2 >"$logs/tier2.log" 2>&1 & pids[tier2]=$!
+  system >"$logs/system.log" 2>&1 & pids[system]=$!
+fi
+failed=()
+for name in tier1 tier2 system; do
+  [ -n "${pids[$name]:-}" ] || continue
+  if wait "${pids[$name]}"; then status=passed; else status=FAILED; failed+=("$name"); fi
+  echo
+  echo "==> $name: $status (done $((SECONDS - started)) s after the start)"
+  cat "$logs/$name.log"
+done
+rm -rf "$logs"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED lanes: ${failed[*]}" >&2
+  exit 1
+fi
+echo "==> All lanes passed in $((SECONDS - started)) s"
