@@ -7,9 +7,9 @@
 #
 # The three lanes (tier 1, tier 2, the system tier) run at the same time, each in
 # a pytest process of its own with its own temporary folder, test database and
-# artifacts folder: most of their time is spent waiting on servers, workers and
-# browsers, so together they take little longer than the longest. Each lane's
-# output is printed whole when it ends. TEST_SERIAL=1, or any pytest arguments
+# artifacts folder: much of their time is spent waiting on servers, workers and
+# browsers. Each lane's output is printed whole when it ends. Then the socket
+# hygiene test runs alone (it measures one busy server). TEST_SERIAL=1, or any pytest arguments
 # (they go to tiers 1 and 2), runs the tiers one after the other instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,9 +50,14 @@ lane() {
   CMBAGENT_VAR_DIR=$(mktemp -d) TEST_ARTIFACTS_DIR="$ARTIFACTS/$name" "$PY" -m pytest -q "$@"
 }
 tier1() { (unset DATABASE_URL REDIS_URL; lane tier1 --ignore=tests/system "$@"); }
-tier2() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane tier2 --ignore=tests/system "$@"); }
+# The engine uses neither database nor channel layer (tests/engine checks it does not even import
+# Django): its tests run in tier 1 only.
+tier2() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane tier2 --ignore=tests/system --ignore=tests/engine "$@"); }
 # The system tier makes databases of its own from DATABASE_URL; its pytest process needs no test database.
-system() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane system tests/system); }
+# The socket hygiene test measures one server's tasks and memory over 10,000 sockets: it runs alone.
+HYGIENE=tests/system/test_socket_hygiene.py
+system() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane system tests/system --ignore=$HYGIENE); }
+hygiene() { (export DATABASE_URL="$PG_URL" REDIS_URL="$REDIS"; lane hygiene $HYGIENE); }
 
 if [ -n "${TEST_SERIAL:-}" ] || [ $# -gt 0 ]; then
   echo "==> Tier 1: SQLite + in-memory channel layer"
@@ -61,7 +66,7 @@ if [ -n "${TEST_SERIAL:-}" ] || [ $# -gt 0 ]; then
   if [ -n "$tier2" ]; then
     echo "==> Tier 2: PostgreSQL + Redis"
     tier2 "$@"
-    [ $# -gt 0 ] || system
+    [ $# -gt 0 ] || { system; hygiene; }
   fi
   exit 0
 fi
@@ -83,6 +88,11 @@ for name in tier1 tier2 system; do
   echo "==> $name: $status (done $((SECONDS - started)) s after the start)"
   cat "$logs/$name.log"
 done
+if [ -n "$tier2" ]; then
+  echo
+  echo "==> The socket hygiene test, alone"
+  if ! hygiene; then failed+=(hygiene); fi
+fi
 rm -rf "$logs"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED lanes: ${failed[*]}" >&2

@@ -178,7 +178,10 @@ def session_start(
         )
         SessionState.objects.create(session=session)
         run = Run.objects.create(session=session, number=1)
-        _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."))
+        # No socket can be on a session that does not exist until this commits: its page reads this
+        # event from the database, so it is not rendered and announced here (the Start button waits
+        # on that). The owner's session list is still told of the new session.
+        _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."), announce=False)
         worker_wake()
     session.refresh_from_db()
     logger.info("session %s started by user %s in mode %s", session.pk, owner.pk, mode)
@@ -202,12 +205,14 @@ def _status_event(status: str, detail: str = "") -> EngineEvent:
     return EngineEvent(EventKind.STATUS, content=detail, data={"status": status})
 
 
-def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, worker_id: str = "") -> Event:
+def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, worker_id: str = "", announce: bool = True) -> Event:
     """Write one event: :func:`_append_many` with one."""
-    return _append_many(session_id, run_id=run_id, events=[event], worker_id=worker_id)[0]
+    return _append_many(session_id, run_id=run_id, events=[event], worker_id=worker_id, announce=announce)[0]
 
 
-def _append_many(session_id: UUID | str, *, run_id: int | None, events: Sequence[EngineEvent], worker_id: str = "") -> list[Event]:
+def _append_many(
+    session_id: UUID | str, *, run_id: int | None, events: Sequence[EngineEvent], worker_id: str = "", announce: bool = True
+) -> list[Event]:
     """Allocate the next seqs under the session row's lock and write the events, in order.
 
     Must run inside a transaction. Applies the events' effect on the session
@@ -266,7 +271,8 @@ def _append_many(session_id: UUID | str, *, run_id: int | None, events: Sequence
         rows[0].save(force_insert=True)
     else:
         Event.objects.bulk_create(rows)
-    _announce_events(rows)
+    if announce:
+        _announce_events(rows)
     if "status" in changes:
         note = {"type": "session.status", "session": str(session_id), "status": changes["status"], "last_seq": seq}
         transaction.on_commit(lambda: _send("group", owner_group(session.owner_id), note))
