@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 
@@ -43,3 +44,25 @@ def pytest_configure(config):
     # only costs time (login itself is tested against the real hasher in the
     # browser tier, whose server runs with the project's settings).
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+REDIS_URL = os.environ.get("REDIS_URL") or os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_configured_layer(settings):
+    """The project's Redis channel layer, as configured, on a real Redis under a prefix of this process's own
+    (skipped without Redis, a failure under CI)."""
+    import redis
+    from channels.layers import get_channel_layer
+
+    from cmbagent_site.channel_layers import redis_layer
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI") in ("true", "1"):
+            pytest.fail(f"Redis is required under CI ({REDIS_URL}): {exc}")
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+    settings.CHANNEL_LAYERS = {"default": redis_layer(REDIS_URL, prefix=f"test-layer-{os.getpid()}")}
+    return get_channel_layer()

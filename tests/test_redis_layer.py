@@ -2,27 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
-import redis
-from channels.layers import get_channel_layer
-
-from cmbagent_site.channel_layers import redis_layer
-
-REDIS_URL = os.environ.get("REDIS_URL") or os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture
-def layer(settings):
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") in ("true", "1"):
-            pytest.fail(f"Redis is required under CI ({REDIS_URL}): {exc}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
-    settings.CHANNEL_LAYERS = {"default": redis_layer(REDIS_URL, prefix=f"test-redis-layer-{os.getpid()}")}
-    return get_channel_layer()
+def layer(redis_configured_layer):
+    return redis_configured_layer
 
 
 async def test_pushes_for_an_ended_channel_are_dropped_not_buffered(layer):

@@ -2,27 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-
-import pytest
-import redis
-from channels.layers import get_channel_layer
-
-from cmbagent_site.channel_layers import redis_layer
-
-REDIS_URL = os.environ.get("REDIS_URL") or os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-def redis_configured_layer(settings):
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        if os.environ.get("CI") in ("true", "1"):
-            pytest.fail(f"Redis is required under CI ({REDIS_URL}): {exc}")
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
-    settings.CHANNEL_LAYERS = {"default": redis_layer(REDIS_URL, prefix=f"test-layer-{os.getpid()}")}
-    return get_channel_layer()
 
 
 async def test_an_idle_receive_outlives_the_redis_read_timeout(redis_configured_layer):
