@@ -28,7 +28,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.routing import URLRouter
-from channels.testing import WebsocketCommunicator
+from tests.communicator import WebsocketCommunicator
 from django.apps import apps
 from django.contrib import admin
 from django.contrib.auth.models import Permission

@@ -6,7 +6,7 @@ import re
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.testing import WebsocketCommunicator
+from tests.communicator import WebsocketCommunicator
 from django.test import Client
 
 from cmbagent_site.asgi import application
