@@ -5,12 +5,13 @@
 #      system tier: clusters of real server and worker processes (tests/system).
 # With CI=true a missing PostgreSQL, Redis or Chromium is a failure, not a skip.
 #
-# The three lanes (tier 1, tier 2, the system tier) run at the same time, each in
-# a pytest process of its own with its own temporary folder, test database and
-# artifacts folder: much of their time is spent waiting on servers, workers and
-# browsers. Each lane's output is printed whole when it ends. Then the socket
-# hygiene test runs alone (it measures one busy server). TEST_SERIAL=1, or any pytest arguments
-# (they go to tiers 1 and 2), runs the tiers one after the other instead.
+# Tiers 1 and 2 run at the same time, each in a pytest process of its own with
+# its own temporary folder, test database and artifacts folder; each one's
+# output is printed whole when it ends. Then the system tier runs alone (its
+# kill, restart and cancel-within-2-s tests time real processes), and last the
+# socket hygiene test, alone too (it measures one busy server). TEST_SERIAL=1,
+# or any pytest arguments (they go to tiers 1 and 2), runs everything one after
+# the other instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -74,26 +75,28 @@ fi
 logs=$(mktemp -d)
 declare -A pids
 started=$SECONDS
-echo "==> Tier 1 (SQLite + in-memory channel layer)${tier2:+, tier 2 (PostgreSQL + Redis) and the system tier}, at the same time"
+echo "==> Tier 1 (SQLite + in-memory channel layer)${tier2:+ and tier 2 (PostgreSQL + Redis)}, at the same time"
 tier1 >"$logs/tier1.log" 2>&1 & pids[tier1]=$!
 if [ -n "$tier2" ]; then
   tier2 >"$logs/tier2.log" 2>&1 & pids[tier2]=$!
-  system >"$logs/system.log" 2>&1 & pids[system]=$!
 fi
 failed=()
-for name in tier1 tier2 system; do
+for name in tier1 tier2; do
   [ -n "${pids[$name]:-}" ] || continue
   if wait "${pids[$name]}"; then status=passed; else status=FAILED; failed+=("$name"); fi
   echo
   echo "==> $name: $status (done $((SECONDS - started)) s after the start)"
   cat "$logs/$name.log"
 done
+rm -rf "$logs"
 if [ -n "$tier2" ]; then
+  echo
+  echo "==> The system tier, alone"
+  if ! system; then failed+=(system); fi
   echo
   echo "==> The socket hygiene test, alone"
   if ! hygiene; then failed+=(hygiene); fi
 fi
-rm -rf "$logs"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED lanes: ${failed[*]}" >&2
   exit 1
