@@ -77,7 +77,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.support import (  # noqa: E402 - needs ROOT on the path
-    ARTICLE_RE, BADGE_RE, HOST, LoggedProcess, PipeHelper, all_pids, autobahn_client, cmdline, cpu_s, csrf_token, free_port,
+    ARTICLE_RE, BADGE_RE, HOST, LoggedProcess, PipeHelper, SessionSocket, all_pids, cmdline, cpu_s, csrf_token, free_port,
     headline, http, launchers_of, login_users, machine_busy_s, migrate, pct, pg_database, pg_settings, pids_matching,
     print_table, proc_stat, rss_mib, runs_cpu_s, serve_django_requests, versions,
 )
@@ -90,8 +90,6 @@ TASK = "Load test {n}: plot a damped cosine and tabulate its peak amplitude."
 ENDS = {"paused", "completed", "failed", "cancelled", "waiting_approval", "suspended"}
 STALL_S = 180.0  # a session with no new event for this long is stalled: an error, and it is cancelled
 HTTP_TIMEOUT_S = 60.0
-RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0)
-MAX_RECONNECTS = 12
 REFUSALS = (4401, 4403, 4404, 4429)
 SOCKET_ERROR = b'id="socket-errors"'
 LOG_ERROR_RE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) (\S+): (.*)$", re.M)
@@ -197,15 +195,15 @@ class Errors:
 # --- the clients ------------------------------------------------------------------------------------
 
 
-class LiveSession:
+class LiveSession(SessionSocket):
     """One session as a person's browser tab sees it: Start, its page, its socket, Continue, Cancel."""
 
+    CLOSE_WAIT_S = 5.0
+
     def __init__(self, load: Load, slot: int, n: int) -> None:
+        super().__init__(load.ports[slot % len(load.ports)], load.cookies[slot])
         self.load, self.slot, self.n = load, slot, n
-        self.port = load.ports[slot % len(load.ports)]
-        self.cookies = load.cookies[slot]
         self.mode, self.budget = MIX[n % len(MIX)]
-        self.session_id = ""
         # Every event that arrived, in arrival order: seq, kind, monotonic ns; the first page_n came with the page.
         self.seqs: list[int] = []
         self.kinds: list[str] = []
@@ -213,13 +211,9 @@ class LiveSession:
         self.page_n = 0
         self.last_status = ""
         self.ends: asyncio.Queue[str] = asyncio.Queue()
-        self.reconnects = 0
         self.continues = 0
         self.cancel_asked = False
-        self.closing = False
         self.gave_up = False
-        self.proto = None
-        self._closed = asyncio.Event()
         self.t_last = time.monotonic()
 
     # HTTP, as the browser does it
@@ -280,38 +274,20 @@ class LiveSession:
 
     # the socket, as the page's script does it
 
-    async def _connect(self) -> None:
-        if self.closing or self.gave_up:
-            return
-        factory_class, protocol_class = autobahn_client(quiet=True)
-        url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/"
-        cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        factory = factory_class(url, origin=f"http://{HOST}:{self.port}", headers={"Cookie": cookie})
-        factory.protocol = protocol_class
-        factory.owner = self
-        factory.setProtocolOptions(openHandshakeTimeout=30, tcpNoDelay=True)
-        self._closed.clear()
-        try:
-            await asyncio.get_running_loop().create_connection(factory, HOST, self.port)
-        except OSError as exc:
-            self.load.errors.add("socket connect failed", f"session {self.session_id[:8]}: {exc}")
-            self._retry()
+    def stopped(self) -> bool:
+        return self.closing or self.gave_up
 
-    def _retry(self) -> None:
-        if self.closing or self.gave_up:
-            return
-        self.reconnects += 1
-        if self.reconnects > MAX_RECONNECTS:
-            self.gave_up = True
-            self.load.errors.add("socket gave up", f"session {self.session_id[:8]}: {MAX_RECONNECTS} reconnects")
-            self.ends.put_nowait("gave_up")
-            return
-        delay = RECONNECT_DELAYS[min(self.reconnects, len(RECONNECT_DELAYS)) - 1]
-        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._connect()))
+    def last_seq(self) -> int:
+        return max(self.seqs, default=0)
 
-    def on_open(self, proto) -> None:
-        self.proto = proto
-        proto.sendMessage(json.dumps({"type": "hello", "after": max(self.seqs, default=0)}).encode())
+    def connect_failed(self, exc: OSError) -> None:
+        self.load.errors.add("socket connect failed", f"session {self.session_id[:8]}: {exc}")
+        self._retry(str(exc))
+
+    def give_up(self, why: str) -> None:
+        self.gave_up = True
+        self.load.errors.add("socket gave up", f"session {self.session_id[:8]}: {self.MAX_RECONNECTS} reconnects; last: {why}")
+        self.ends.put_nowait("gave_up")
 
     def on_message(self, t: int, payload: bytes) -> None:
         if SOCKET_ERROR in payload:
@@ -333,8 +309,7 @@ class LiveSession:
         self.t_last = time.monotonic()
 
     def on_close(self, code: int | None, reason: str | None) -> None:
-        self.proto = None
-        self._closed.set()
+        self.closed()
         if self.closing:
             return
         self.load.errors.add("socket closed unasked", f"session {self.session_id[:8]}: code {code} ({reason})")
@@ -342,17 +317,7 @@ class LiveSession:
             self.gave_up = True
             self.ends.put_nowait("refused")
         else:
-            self._retry()
-
-    async def close(self) -> None:
-        self.closing = True
-        if self.proto is not None:
-            self.proto.sendClose(code=1000)
-            try:
-                await asyncio.wait_for(self._closed.wait(), 5)
-            except TimeoutError:
-                if self.proto is not None:
-                    self.proto.transport.close()
+            self._retry(f"closed with code {code} ({reason})")
 
 
 # --- the test ---------------------------------------------------------------------------------------

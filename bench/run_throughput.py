@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.support import (  # noqa: E402 - needs ROOT on the path
-    ARTICLE_RE, BADGE_RE, HOST, MIB, PAGE, LoggedProcess, PipeHelper, all_pids, autobahn_client, cpu_s, csrf_token,
+    ARTICLE_RE, BADGE_RE, HOST, LoggedProcess, PipeHelper, SessionSocket, all_pids, cpu_s, csrf_token,
     free_port, headline, http, launchers_of, login_users, machine_busy_s, migrate, pct, pg_database, pg_settings,
     pids_matching, print_table, proc_stat, rss_mib, runs_cpu_s, serve_django_requests, versions,
 )
@@ -277,31 +277,21 @@ class Arrival:
     t: int
 
 
-class Page:
-    """One session page: Start (the form's POST), then its socket, recording every event that arrives.
+class Page(SessionSocket):
+    """One session page: Start (the form's POST), then its socket (reconnecting as the page's script does),
+    recording every event that arrives."""
 
-    Like the page's own script, the socket reconnects when it drops and says
-    hello with the last seq it shows, so what a reconnect costs is measured
-    (and counted) rather than reported as a loss.
-    """
-
-    RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0)
-    MAX_RECONNECTS = 12
     REFUSALS = (4401, 4403, 4404)
 
     def __init__(self, port: int, cookies: dict[str, str], csrf: str, task: str, messages: int) -> None:
-        self.port, self.cookies, self.csrf, self.task, self.messages = port, cookies, csrf, task, messages
-        self.session_id = ""
+        super().__init__(port, cookies)
+        self.csrf, self.task, self.messages = csrf, task, messages
         self.t_start = self.t_posted = self.t_first_agent = self.t_last = 0
         self.arrivals: list[Arrival] = []
         self.close_codes: list[int | None] = []
-        self.reconnects = 0
-        self.proto = None
         self.error = ""
-        self.closing = False
         self.ended = False  # the run's end (its final status event) arrived
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._closed = asyncio.Event()
 
     async def start(self) -> None:
         form = {"task": self.task, "mode": MODE, "title": "", "max_rounds": str(self.messages),
@@ -316,37 +306,15 @@ class Page:
         self.session_id = location.strip("/").split("/")[-1]
         await self._connect()  # the page's socket, opened at once (a browser would load the page first)
 
-    async def _connect(self) -> None:
-        if self.done.done() or self.closing:
-            return
-        factory_class, protocol_class = autobahn_client(quiet=True)
-        url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/"
-        cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        factory = factory_class(url, origin=f"http://{HOST}:{self.port}", headers={"Cookie": cookie})
-        factory.protocol = protocol_class
-        factory.owner = self
-        factory.setProtocolOptions(openHandshakeTimeout=30, tcpNoDelay=True)
-        self._closed.clear()
-        try:
-            await asyncio.get_running_loop().create_connection(factory, HOST, self.port)
-        except OSError as exc:
-            self._retry(f"connect failed: {exc}")
+    def stopped(self) -> bool:
+        return self.done.done() or self.closing
 
-    def _retry(self, why: str) -> None:
-        if self.done.done() or self.closing:
-            return
-        self.reconnects += 1
-        if self.reconnects > self.MAX_RECONNECTS:
-            self.error = f"gave up after {self.MAX_RECONNECTS} reconnects; last: {why}"
-            self.done.set_result(None)
-            return
-        delay = self.RECONNECT_DELAYS[min(self.reconnects, len(self.RECONNECT_DELAYS)) - 1]
-        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._connect()))
+    def last_seq(self) -> int:
+        return self.arrivals[-1].seq if self.arrivals else 0  # the last event the page shows
 
-    def on_open(self, proto) -> None:
-        self.proto = proto
-        after = self.arrivals[-1].seq if self.arrivals else 0  # the last event the page shows
-        proto.sendMessage(json.dumps({"type": "hello", "after": after}).encode())
+    def give_up(self, why: str) -> None:
+        self.error = f"gave up after {self.MAX_RECONNECTS} reconnects; last: {why}"
+        self.done.set_result(None)
 
     def on_message(self, t: int, payload: bytes) -> None:
         for seq, kind, agent, inner in ARTICLE_RE.findall(payload):
@@ -367,24 +335,13 @@ class Page:
                 self.done.set_result(None)
 
     def on_close(self, code: int | None, reason: str | None) -> None:
-        self.proto = None
+        self.closed()
         self.close_codes.append(code)
-        self._closed.set()
         if code in self.REFUSALS and not self.done.done():
             self.error = f"socket refused with code {code}"
             self.done.set_result(None)
         else:
             self._retry(f"closed with code {code} ({reason})")
-
-    async def close(self) -> None:
-        self.closing = True
-        if self.proto is not None:
-            self.proto.sendClose(code=1000)
-            try:
-                await asyncio.wait_for(self._closed.wait(), 3)
-            except TimeoutError:
-                if self.proto is not None:
-                    self.proto.transport.close()
 
 
 # --- checking what arrived against the database ----------------------------------------------

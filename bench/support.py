@@ -150,6 +150,85 @@ def autobahn_client(*, quiet: bool = False) -> tuple[type, type]:
     return WebSocketClientFactory, Protocol
 
 
+class SessionSocket:
+    """A session page's socket, kept as the page's own script keeps it: it reconnects with backoff when it
+    drops and says hello with the last seq the page shows, so a reconnect's cost is measured, not lost.
+
+    Subclasses say when to stop trying (``stopped``), which seq the page shows (``last_seq``), what a failed
+    connect and giving up mean to them (``connect_failed``, ``give_up``), and handle ``on_message`` and
+    ``on_close`` (calling ``closed()`` first).
+    """
+
+    RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0)
+    MAX_RECONNECTS = 12
+    CLOSE_WAIT_S = 3.0
+
+    def __init__(self, port: int, cookies: dict[str, str]) -> None:
+        self.port, self.cookies = port, cookies
+        self.session_id = ""
+        self.reconnects = 0
+        self.proto = None
+        self.closing = False
+        self._closed = asyncio.Event()
+
+    def stopped(self) -> bool:
+        return self.closing
+
+    def last_seq(self) -> int:
+        return 0
+
+    def connect_failed(self, exc: OSError) -> None:
+        self._retry(f"connect failed: {exc}")
+
+    def give_up(self, why: str) -> None:
+        """Called once, after MAX_RECONNECTS reconnects."""
+
+    async def _connect(self) -> None:
+        if self.stopped():
+            return
+        factory_class, protocol_class = autobahn_client(quiet=True)
+        url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/"
+        cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        factory = factory_class(url, origin=f"http://{HOST}:{self.port}", headers={"Cookie": cookie})
+        factory.protocol = protocol_class
+        factory.owner = self
+        factory.setProtocolOptions(openHandshakeTimeout=30, tcpNoDelay=True)
+        self._closed.clear()
+        try:
+            await asyncio.get_running_loop().create_connection(factory, HOST, self.port)
+        except OSError as exc:
+            self.connect_failed(exc)
+
+    def _retry(self, why: str) -> None:
+        if self.stopped():
+            return
+        self.reconnects += 1
+        if self.reconnects > self.MAX_RECONNECTS:
+            self.give_up(why)
+            return
+        delay = self.RECONNECT_DELAYS[min(self.reconnects, len(self.RECONNECT_DELAYS)) - 1]
+        asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self._connect()))
+
+    def on_open(self, proto) -> None:
+        self.proto = proto
+        proto.sendMessage(json.dumps({"type": "hello", "after": self.last_seq()}).encode())
+
+    def closed(self) -> None:
+        """The socket is gone (the first thing ``on_close`` does)."""
+        self.proto = None
+        self._closed.set()
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.proto is not None:
+            self.proto.sendClose(code=1000)
+            try:
+                await asyncio.wait_for(self._closed.wait(), self.CLOSE_WAIT_S)
+            except TimeoutError:
+                if self.proto is not None:
+                    self.proto.transport.close()
+
+
 # --- /proc: CPU time and the processes of a worker ------------------------------------------------
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
