@@ -44,6 +44,15 @@ def _start(user, task="Fit the spectrum"):
     return services.session_start(owner=user, task=task, mode="one_shot")
 
 
+async def _opened(session, user) -> WebsocketCommunicator:
+    """The session's socket as ``user``'s page opens it: logged in, accepted."""
+    cookie = await database_sync_to_async(_cookie_for)(user)
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    connected, _ = await ws.connect()
+    assert connected
+    return ws
+
+
 @database_sync_to_async
 def _append(session, content):
     return services.event_append(
@@ -55,10 +64,7 @@ async def test_owner_gets_history_then_live_pushes(alice):
     """After hello, the owner gets every event after its cursor, then each new event once."""
     session = await _start(alice)
     await _append(session, "first message")
-    cookie = await database_sync_to_async(_cookie_for)(alice)
-    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
-    connected, _ = await ws.connect()
-    assert connected
+    ws = await _opened(session, alice)
     await ws.send_json_to({"type": "hello", "after": 0})
     history = await ws.receive_from(timeout=5)
     assert SEQ.findall(history) == ["1", "2"] and "first message" in history
@@ -77,9 +83,7 @@ async def test_reconnect_catches_up_from_cursor(alice):
     session = await _start(alice)
     for text in ("a", "b", "c"):
         await _append(session, text)
-    cookie = await database_sync_to_async(_cookie_for)(alice)
-    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
-    await ws.connect()
+    ws = await _opened(session, alice)
     await ws.send_json_to({"type": "hello", "after": 2})
     assert SEQ.findall(await ws.receive_from(timeout=5)) == ["3", "4"]
     await ws.disconnect()
@@ -125,9 +129,7 @@ async def test_bad_or_unknown_session_id(alice, raw_id):
 async def test_malformed_frames_get_an_error_and_the_socket_stays_up(alice, frame):
     """A malformed frame is answered with a visible error fragment; the socket keeps working."""
     session = await _start(alice)
-    cookie = await database_sync_to_async(_cookie_for)(alice)
-    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
-    await ws.connect()
+    ws = await _opened(session, alice)
     await ws.send_to(text_data=frame)
     error = await ws.receive_from(timeout=5)
     assert 'id="socket-errors"' in error and "could not read" in error
@@ -143,9 +145,7 @@ async def test_next_event_is_sent_as_rendered_and_a_gap_is_read_from_rows(alice)
     from sessions.groups import session_group
 
     session = await _start(alice)
-    cookie = await database_sync_to_async(_cookie_for)(alice)
-    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
-    await ws.connect()
+    ws = await _opened(session, alice)
     await ws.send_json_to({"type": "hello", "after": 0})
     assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
 
@@ -213,9 +213,7 @@ async def test_a_batch_note_is_sent_as_rendered_only_when_it_starts_right_after_
     from sessions.groups import session_group
 
     session = await _start(alice)
-    cookie = await database_sync_to_async(_cookie_for)(alice)
-    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
-    await ws.connect()
+    ws = await _opened(session, alice)
     await ws.send_json_to({"type": "hello", "after": 0})
     assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
 
