@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -46,7 +47,27 @@ def rehearse() -> None:
         logger.warning("the run launcher's rehearsal failed", exc_info=True)
 
 
+def _import_main() -> None:
+    """Import the parent program's main script as ``__mp_main__`` (see ``process._start_launcher``): the
+    forked runs then find it imported, instead of running it again each."""
+    from multiprocessing import process, spawn
+
+    from orchestrator.engine.process import MAIN_SCRIPT_ENV
+
+    main = os.environ.pop(MAIN_SCRIPT_ENV, "")
+    if not main:
+        return
+    process.current_process()._inheriting = True  # noqa: SLF001 - as multiprocessing itself does here
+    try:
+        spawn.import_main_path(main)
+    except Exception:  # noqa: BLE001 - each run then imports it itself, as without this
+        logger.warning("the run launcher could not import %s", main, exc_info=True)
+    finally:
+        del process.current_process()._inheriting  # noqa: SLF001
+
+
 def _ready() -> None:
+    _import_main()
     rehearse()
     gc.collect()
     gc.freeze()

@@ -180,11 +180,40 @@ def _warm() -> None:
 PRELOAD = ["orchestrator.engine", "orchestrator.engine.process", "autogen_ext.models.openai", "autogen_ext.models.replay", "orchestrator.engine.prefork"]
 
 
+MAIN_SCRIPT_ENV = "CMBAGENT_LAUNCHER_MAIN"
+
+
 def launcher() -> multiprocessing.context.ForkServerContext:
-    """This process's run launcher (started on first use by multiprocessing, then kept)."""
+    """This process's run launcher (started on first use, then kept)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
+    _start_launcher()
     return context
+
+
+_launcher_lock = threading.Lock()
+
+
+def _start_launcher() -> None:
+    """Start the launcher if it is not running, telling it the program's main script.
+
+    multiprocessing runs the parent's main script (``manage.py``, a benchmark)
+    again in every forked process, as ``__mp_main__``, before the process's
+    target starts, unless the launcher imported that script itself. Python
+    3.11's forkserver means to (its preload's ``"__main__"``) but never
+    receives the script's path, so the launcher imports it
+    (``prefork``), named by this variable: once, rather than once per run.
+    """
+    from multiprocessing import forkserver, spawn
+
+    main = spawn.get_preparation_data("launcher").get("init_main_from_path", "")
+    with _launcher_lock:
+        if main:
+            os.environ[MAIN_SCRIPT_ENV] = main
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.pop(MAIN_SCRIPT_ENV, None)
 
 
 def warm_launcher() -> None:

@@ -137,3 +137,40 @@ async def test_spares_are_ended_when_their_worker_stops_serving():
     for spare in spares:
         assert await asyncio.wait_for(spare.wait(), 5) is not None
     assert asyncio.get_running_loop() not in engine_process._SPARES
+
+
+MAIN_SCRIPT = """
+import asyncio, os, sys
+sys.path.insert(0, {root!r})
+with open({log!r}, "a") as log:
+    log.write(__name__ + " " + str(os.getpid()) + "\\n")
+if __name__ == "__main__":
+    from orchestrator.engine.process import EngineProcess, warm_launcher
+    spec = {spec!r}
+
+    async def runs():
+        for _ in range(3):
+            child = await EngineProcess.spawn(spec)
+            kinds = [m["type"] async for m in child.messages()]
+            assert await child.wait() == 0 and kinds[-1] == "outcome", kinds[-3:]
+
+    warm_launcher()
+    asyncio.run(runs())
+"""
+
+
+def test_the_main_script_is_imported_once_by_the_launcher_not_again_by_every_run(tmp_path):
+    """multiprocessing runs the parent's main script again in each forked process unless the launcher has
+    it: three runs of a script started as ``python script.py`` execute the script twice in all (itself, and
+    the launcher), never once per run."""
+    import subprocess
+    import sys
+
+    root = str(Path(engine_process.__file__).resolve().parents[2])
+    log = tmp_path / "imports.log"
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT.format(root=root, log=str(log), spec=_spec(tmp_path, max_turns=4)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = [line.split()[0] for line in log.read_text().splitlines()]
+    assert names == ["__main__", "__mp_main__"], names
