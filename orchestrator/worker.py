@@ -78,8 +78,9 @@ def _unapplied_migrations() -> list:
 
 
 @database_sync_to_async
-def _load_session(session_id) -> Session:
-    return Session.objects.get(pk=session_id)
+def _load_session(session_id) -> tuple[Session, list[EngineEvent]]:
+    """The session and its log as engine events: one trip to the database thread."""
+    return Session.objects.get(pk=session_id), selectors.engine_history(session_id)
 
 
 class RunWorker:
@@ -249,9 +250,8 @@ class RunWorker:
         child: EngineProcess | None = None
         owner = run.lease_owner or self.worker_id  # this claim's fence
         try:
-            session = await _load_session(run.session_id)
             # A continued or taken-over run goes on from the log: nothing repeated.
-            history = await database_sync_to_async(selectors.engine_history)(session.pk)
+            session, history = await _load_session(run.session_id)
             spec = {
                 "task": session.task,
                 "mode": session.mode,

@@ -70,7 +70,9 @@ def _announce_events(rows: Sequence[Event]) -> None:
         # reads the rows itself, so the note is a shortcut, never the truth.
         note: dict[str, Any] = {"type": "session.event", "first": rows[0].seq, "seq": rows[-1].seq}
         try:
-            session = Session.objects.select_related("state").get(pk=rows[0].session_id)
+            # Not the state's conversation tail (up to HISTORY_TAIL long messages): no push shows it, and
+            # decoding it for every announce cost more than rendering the events.
+            session = Session.objects.select_related("state").defer("state__conversation_history").get(pk=rows[0].session_id)
             html = render_push(session, rows)
         except Exception:  # noqa: BLE001 - listeners fall back to reading the rows
             logger.warning("could not render events %s-%s of session %s", rows[0].seq, rows[-1].seq, rows[0].session_id, exc_info=True)
