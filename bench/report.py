@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/report.py             # all benchmarks, then README.md is rewritten between the markers
     .venv/bin/python bench/report.py --only push_latency.py,page_render.py   # a part: printed, README untouched
+    .venv/bin/python bench/report.py --only worker_memory.py --refresh        # a part, its rows replaced in README.md
     .venv/bin/python bench/report.py --no-readme # print the table only
     .venv/bin/python bench/report.py --quick     # smaller scale, about 10 minutes; the table says so
 
@@ -113,10 +114,39 @@ def write_readme(section: str, readme: Path) -> None:
     readme.write_text(text)
 
 
+def refresh_readme(rows: list[dict], readme: Path, *, note: str) -> bool:
+    """Replace the rows of ``rows``' benchmarks in the README's table, keep the others, and add ``note`` under
+    it (which rows were re-run, when and how). False if the README has no table to refresh."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    before, rest = text.split(START, 1)
+    section, after = rest.split(END, 1)
+    fresh = {row["bench"]: row for row in rows}
+    lines = []
+    for line in section.strip("\n").split("\n"):
+        name = re.match(r"\| `([^`]+)` \|", line)
+        if name and name.group(1) in fresh:
+            row = fresh.pop(name.group(1))
+            line = (
+                f"| `{cell(row['bench'])}` | {cell(row['measures'])} | {cell(row['figures'])} | {cell(row.get('target', ''))} "
+                f"| {cell(row.get('verdict', ''))} |"
+            )
+        lines.append(line)
+    if fresh:  # a benchmark the table did not have yet
+        return False
+    readme.write_text(before + START + "\n" + "\n".join(lines) + "\n\n" + note + "\n" + END + after)
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated scripts to run (default: all)")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave README.md as it is")
+    parser.add_argument(
+        "--refresh", action="store_true",
+        help="with --only: replace those benchmarks' rows in README.md's table, keep the others, and say so under the table",
+    )
     parser.add_argument(
         "--quick", action="store_true",
         help="every benchmark at a smaller scale (about 10 min; the load test at 50 sessions for 2 min); the table says so",
@@ -149,6 +179,18 @@ def main() -> int:
     if not args.no_readme and not args.only:  # a partial table would stand in for the whole
         write_readme(section, ROOT / "README.md")
         print("\nREADME.md: results table rewritten", flush=True)
+    elif args.refresh and args.only and not args.no_readme and not broken:
+        names = ", ".join(f"`{row['bench']}`" for row in rows)
+        note = (
+            f"Re-run afterwards with `python bench/report.py --only {args.only} --refresh` on "
+            f"{datetime.date.today().isoformat()} (1-minute load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after): "
+            f"{names}; the other rows are from the run above."
+        )
+        if refresh_readme(rows, ROOT / "README.md", note=note):
+            print(f"\nREADME.md: rows of {names} replaced", flush=True)
+        else:
+            print("\nREADME.md has no full table with these rows: run `make bench` first", flush=True)
+            return 1
     return 1 if broken else 0
 
 
