@@ -84,6 +84,14 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def row_line(row: dict) -> str:
+    """One benchmark's row of the results table."""
+    return (
+        f"| `{cell(row['bench'])}` | {cell(row['measures'])} | {cell(row['figures'])} | {cell(row.get('target', ''))} "
+        f"| {cell(row.get('verdict', ''))} |"
+    )
+
+
 def table(rows: list[dict], *, date: str, load: tuple[float, float], command: str, minutes: float) -> str:
     lines = [
         START,
@@ -94,11 +102,7 @@ def table(rows: list[dict], *, date: str, load: tuple[float, float], command: st
         "| benchmark | measures | figures | target | verdict |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for row in rows:
-        lines.append(
-            f"| `{cell(row['bench'])}` | {cell(row['measures'])} | {cell(row['figures'])} | {cell(row.get('target', ''))} "
-            f"| {cell(row.get('verdict', ''))} |"
-        )
+    lines.extend(row_line(row) for row in rows)
     lines.append(END)
     return "\n".join(lines)
 
@@ -127,11 +131,7 @@ def refresh_readme(rows: list[dict], readme: Path, *, note: str) -> bool:
     for line in section.strip("\n").split("\n"):
         name = re.match(r"\| `([^`]+)` \|", line)
         if name and name.group(1) in fresh:
-            row = fresh.pop(name.group(1))
-            line = (
-                f"| `{cell(row['bench'])}` | {cell(row['measures'])} | {cell(row['figures'])} | {cell(row.get('target', ''))} "
-                f"| {cell(row.get('verdict', ''))} |"
-            )
+            line = row_line(fresh.pop(name.group(1)))
         lines.append(line)
     if fresh:  # a benchmark the table did not have yet
         return False
