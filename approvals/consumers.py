@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from channels.db import database_sync_to_async
 from django.core.paginator import Paginator
 from django.http import QueryDict
 from django.template.loader import render_to_string
 
 from approvals.services import QUEUE_GROUP
+from cmbagent_site.db import database_sync_to_async
 from cmbagent_site.sockets import SocketConsumer
 
 logger = logging.getLogger(__name__)

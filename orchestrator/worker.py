@@ -21,13 +21,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, reset_queries
+from django.db import InterfaceError, OperationalError
 
+from cmbagent_site.db import database_sync_to_async
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.hitl import Policy
 from orchestrator.engine.process import EngineProcess, warm_launcher
@@ -78,25 +77,7 @@ def _unapplied_migrations() -> list:
     return executor.migration_plan(executor.loader.graph.leaf_nodes())
 
 
-def _forgetting_queries(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` on the database thread (as ``database_sync_to_async``), then the queries it logged forgotten:
-    every database call of the worker goes through this.
-
-    With DEBUG on, Django keeps the last 9,000 queries of each connection, and a
-    request forgets its own when it ends. A worker is never a request, so
-    without this it would hold 9,000 queries of event rows and state saves
-    (about 15 MiB) for as long as it lives.
-    """
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            reset_queries()
-
-    return database_sync_to_async(call)
-
-
+@database_sync_to_async
 def _session_and_log(session_id) -> tuple[Session, list[EngineEvent]]:
     """The session and its log as engine events: one trip to the database thread."""
     return Session.objects.get(pk=session_id), selectors.engine_history(session_id)
@@ -197,7 +178,7 @@ class RunWorker:
 
     async def _reclaim_orphans(self) -> None:
         try:
-            found = await _forgetting_queries(services.run_reclaim_orphans)(host=socket.gethostname(), alive=_pid_alive)
+            found = await database_sync_to_async(services.run_reclaim_orphans)(host=socket.gethostname(), alive=_pid_alive)
         except Exception:  # noqa: BLE001 - the database may be restarting; next poll
             logger.warning("worker %s could not look for orphaned runs", self.worker_id, exc_info=True)
             return
@@ -207,7 +188,7 @@ class RunWorker:
     async def claim_available(self) -> None:
         while len(self.active) < self.max_runs:
             try:
-                run = await _forgetting_queries(services.run_claim)(
+                run = await database_sync_to_async(services.run_claim)(
                     worker_id=self.worker_id, lease_seconds=self.lease_seconds, exclude=set(self.active)
                 )
             except Exception:  # noqa: BLE001 - the database may be restarting; try again next poll
@@ -232,7 +213,7 @@ class RunWorker:
             held = {pk: owner for pk, (owner, _, _) in self.watched.items()}
             beat = time.monotonic() - last_beat >= self.lease_seconds / 3
             try:
-                stops, lost = await _forgetting_queries(services.runs_watch)(
+                stops, lost = await database_sync_to_async(services.runs_watch)(
                     held=held, lease_seconds=self.lease_seconds, beat=beat
                 )
             except Exception:  # noqa: BLE001 - the database may be restarting; the lease has slack
@@ -263,14 +244,14 @@ class RunWorker:
         ``observer``, if given, sees each Event row after it is committed.
         """
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
-        append = _forgetting_queries(services.events_append)
+        append = database_sync_to_async(services.events_append)
         status, detail = Run.Status.FAILED, ""
         stop: dict[str, str] = {}
         child: EngineProcess | None = None
         owner = run.lease_owner or self.worker_id  # this claim's fence
         try:
             # A continued or taken-over run goes on from the log: nothing repeated.
-            session, history = await _forgetting_queries(_session_and_log)(run.session_id)
+            session, history = await _session_and_log(run.session_id)
             spec = {
                 "task": session.task,
                 "mode": session.mode,
@@ -346,7 +327,7 @@ class RunWorker:
                 child.kill()
             with contextlib.suppress(Exception):
                 await asyncio.shield(
-                    _forgetting_queries(services.run_release)(
+                    database_sync_to_async(services.run_release)(
                         run_id=run.pk, worker_id=owner, detail="Its worker stopped; another worker will go on from here."
                     )
                 )
@@ -376,7 +357,7 @@ class RunWorker:
                     await asyncio.shield(child.wait())
             if not stop.get("lost"):
                 try:
-                    await _forgetting_queries(services.run_finish)(
+                    await database_sync_to_async(services.run_finish)(
                         run_id=run.pk, worker_id=owner, status=status, detail=detail
                     )
                 except Exception as exc:

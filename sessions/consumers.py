@@ -14,10 +14,10 @@ import logging
 import time
 import uuid
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.template.loader import render_to_string
 
+from cmbagent_site.db import database_sync_to_async
 from cmbagent_site.sockets import SocketConsumer
 from sessions.fragments import render_push
 from sessions.groups import owner_group, session_group

@@ -287,7 +287,7 @@ async def test_abort_at_a_checkpoint_cancels_the_session(alice):
 
 async def test_with_debug_on_the_worker_does_not_keep_the_queries_it_ran(alice, settings):
     """Django logs every query while DEBUG is on and forgets them when a request ends; a worker is no request,
-    so it forgets those of each write itself, or its memory grows by up to 9,000 queries of event SQL."""
+    so its database calls (``cmbagent_site.db``) forget theirs, or its memory grows by up to 9,000 queries of event SQL."""
     from django.db import connection
 
     settings.DEBUG = True
