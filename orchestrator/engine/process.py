@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import multiprocessing
@@ -194,6 +195,14 @@ def launcher() -> multiprocessing.context.ForkServerContext:
 _launcher_lock = threading.Lock()
 
 
+@functools.cache
+def _main_script() -> str:
+    """The path of this program's main script, as multiprocessing hands it to a forked process ("" for ``-m``)."""
+    from multiprocessing import spawn
+
+    return spawn.get_preparation_data("launcher").get("init_main_from_path", "")
+
+
 def _start_launcher() -> None:
     """Start the launcher if it is not running, telling it the program's main script.
 
@@ -204,9 +213,9 @@ def _start_launcher() -> None:
     receives the script's path, so the launcher imports it
     (``prefork``), named by this variable: once, rather than once per run.
     """
-    from multiprocessing import forkserver, spawn
+    from multiprocessing import forkserver
 
-    main = spawn.get_preparation_data("launcher").get("init_main_from_path", "")
+    main = _main_script()
     with _launcher_lock:
         if main:
             os.environ[MAIN_SCRIPT_ENV] = main
