@@ -124,6 +124,7 @@ async def _produce_app(targets: list[tuple[str, int]], n: int, interval: float, 
     loop = asyncio.get_running_loop()
     append = database_sync_to_async(_append_stamped)
     stamps: list[tuple[int, int, int]] = []
+    writes: list[int] = []  # ns from calling event_append to its commit: the write, with the fragment rendered in it
     start = loop.time() + 0.05
 
     async def one(i: int, session_id: str, run_id: int) -> None:
@@ -139,13 +140,15 @@ async def _produce_app(targets: list[tuple[str, int]], n: int, interval: float, 
             )
             tail.append({"agent": "engineer", "kind": "message", "content": content})
             checkpoint = {"phase": "control", "step": k, "context_variables": {"bench": True}}
+            called = time.monotonic_ns()
             seq, t = await append(session_id, run_id, event, checkpoint, list(tail))
             stamps.append((i, seq, t))
+            writes.append(t - called)
             due += interval
 
     t0 = time.monotonic_ns()
     await asyncio.gather(*(one(i, sid, rid) for i, (sid, rid) in enumerate(targets)))
-    return {"stamps": stamps, "t0": t0, "t1": time.monotonic_ns()}
+    return {"stamps": stamps, "writes": writes, "t0": t0, "t1": time.monotonic_ns()}
 
 
 async def _produce_bare(groups: list[str], n: int, interval: float, seq_base: int) -> dict:
@@ -340,6 +343,7 @@ class Result:
     server_cpu_ms_per_event: float
     fragment_bytes: float
     unexpected_frames: int
+    write_p50_ms: float = math.nan  # app only: event_append called -> committed (insert, checkpoint, fragment render)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -353,6 +357,7 @@ class Side:
     targets: list
     per_target: int = 1
     stamps: list[tuple[int, int, int]] = field(default_factory=list)
+    writes_ns: list[int] = field(default_factory=list)
     cpu_s: float = 0.0
     span_s: float = 0.0
 
@@ -374,7 +379,8 @@ class Side:
             achieved_per_s=len(self.stamps) / max(self.span_s, 1e-9),
             server_cpu_ms_per_event=self.cpu_s * 1000 / max(len(self.stamps), 1),
             fragment_bytes=sum(frames) / len(frames) if frames else math.nan,
-            unexpected_frames=sum(len(c.unexpected) for c in self.clients), latencies_ms=lat,
+            unexpected_frames=sum(len(c.unexpected) for c in self.clients),
+            write_p50_ms=percentile(sorted(w / 1e6 for w in self.writes_ns), 50) if self.writes_ns else math.nan, latencies_ms=lat,
         )
 
 
@@ -407,6 +413,7 @@ async def run_scenario(
             side.cpu_s += side.server.cpu_seconds() - cpu0
             side.span_s += (produced["t1"] - produced["t0"]) / 1e9
             side.stamps += produced["stamps"]
+            side.writes_ns += produced.get("writes", [])
             await asyncio.sleep(0.1)
         seq_base += size
     await asyncio.gather(*(c.close() for side in sides.values() for c in side.clients))
@@ -495,7 +502,7 @@ def print_report(results: dict[tuple[str, str], Result], scenarios: list[str], h
         ])
     _table(cols, rows)
     print()
-    cols = ["scenario", "path", "sent", "recv", "p95 ms", "max ms", "offered/s", "achieved/s", "server CPU ms/ev", "bytes/frame"]
+    cols = ["scenario", "path", "sent", "recv", "p95 ms", "max ms", "offered/s", "achieved/s", "server CPU ms/ev", "bytes/frame", "write p50 ms"]
     rows = []
     for name in scenarios:
         for kind in ("app", "bare"):
@@ -503,6 +510,7 @@ def print_report(results: dict[tuple[str, str], Result], scenarios: list[str], h
             rows.append([
                 name, kind, f"{r.expected}", f"{r.received}", f"{r.p95_ms:.2f}", f"{r.max_ms:.2f}", f"{r.offered_per_s:.0f}",
                 f"{r.achieved_per_s:.0f}", f"{r.server_cpu_ms_per_event:.2f}", f"{r.fragment_bytes:.0f}",
+                "-" if math.isnan(r.write_p50_ms) else f"{r.write_p50_ms:.2f}",
             ])
     _table(cols, rows)
 
@@ -614,7 +622,7 @@ def main() -> int:
         header = [
             "Push latency: event commit -> fragment received by a WebSocket client (loopback)",
             f"app:  event_append -> on_commit group_send -> Redis -> Daphne `manage.py serve` -> "
-            f"SessionConsumer -> client (fragment rendered once at commit; rows read on a gap)",
+            f"SessionConsumer -> client (fragment rendered once in the writing transaction, sent after commit; rows read on a gap)",
             "bare: group_send -> Redis -> Daphne bench/bare_app.py (fixed fragment, same bytes) -> client",
             f"settings {os.environ['DJANGO_SETTINGS_MODULE']}; database {fx['db_vendor']}{' (DATABASE_URL)' if os.environ.get('DATABASE_URL') else ' (temp file, WAL)'}; "
             f"channel layer channels_redis at {redis_url}; fragment {fx['fragment_bytes']} bytes",

@@ -18,7 +18,7 @@ from uuid import UUID
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -61,27 +61,40 @@ def _send(kind: str, target: str, message: dict[str, Any]) -> None:
         logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
 
 
-def _announce_events(rows: Sequence[Event]) -> None:
-    """After commit, tell the session's sockets that ``rows`` (consecutive seqs) are ready, rendered once for all."""
+def _announce_events(rows: Sequence[Event], *, render_now: bool = False) -> None:
+    """After commit, tell the session's sockets that ``rows`` (consecutive seqs) are ready, rendered once for all.
 
-    def announce() -> None:
-        # Rendered once here, after commit, for every socket watching: a socket
-        # whose cursor is just before the first seq sends it as it is; any other
-        # reads the rows itself, so the note is a shortcut, never the truth.
-        note: dict[str, Any] = {"type": "session.event", "first": rows[0].seq, "seq": rows[-1].seq}
-        try:
-            # Not the state's conversation tail (up to HISTORY_TAIL long messages): no push shows it, and
-            # decoding it for every announce cost more than rendering the events.
-            session = Session.objects.select_related("state").defer("state__conversation_history").get(pk=rows[0].session_id)
-            html = render_push(session, rows)
-        except Exception:  # noqa: BLE001 - listeners fall back to reading the rows
-            logger.warning("could not render events %s-%s of session %s", rows[0].seq, rows[-1].seq, rows[0].session_id, exc_info=True)
-        else:
-            if len(html) <= NOTE_HTML_LIMIT:
-                note["html"] = html
-        _send("group", session_group(rows[0].session_id), note)
+    The fragment is rendered once, for every socket watching: a socket whose
+    cursor is just before the first seq sends it as it is; any other reads the
+    rows itself, so the note is a shortcut, never the truth. With
+    ``render_now`` it is rendered at once, inside the writing transaction,
+    which must have made all its changes to the session by then: the fragment
+    then shows exactly what commits, and after the commit only the send is
+    left. Otherwise it is rendered after the commit.
+    """
+    if render_now:
+        note = _event_note(rows)
+        transaction.on_commit(lambda: _send("group", session_group(rows[0].session_id), note))
+    else:
+        transaction.on_commit(lambda: _send("group", session_group(rows[0].session_id), _event_note(rows)))
 
-    transaction.on_commit(announce)
+
+def _event_note(rows: Sequence[Event]) -> dict[str, Any]:
+    """The "seq N is ready" note for ``rows``, with their fragment when it renders and is small enough."""
+    note: dict[str, Any] = {"type": "session.event", "first": rows[0].seq, "seq": rows[-1].seq}
+    try:
+        # Not the state's conversation tail (up to HISTORY_TAIL long messages): no push shows it, and
+        # decoding it for every announce cost more than rendering the events.
+        session = Session.objects.select_related("state").defer("state__conversation_history").get(pk=rows[0].session_id)
+        html = render_push(session, rows)
+    except Exception as exc:  # noqa: BLE001 - listeners fall back to reading the rows
+        if isinstance(exc, DatabaseError) and transaction.get_connection().in_atomic_block:
+            raise  # the writing transaction is broken: it must fail, not commit without its rows
+        logger.warning("could not render events %s-%s of session %s", rows[0].seq, rows[-1].seq, rows[0].session_id, exc_info=True)
+    else:
+        if len(html) <= NOTE_HTML_LIMIT:
+            note["html"] = html
+    return note
 
 
 def worker_wake() -> None:
@@ -314,7 +327,7 @@ def events_append(
     of them and the checkpoint are stored, or none.
     """
     with transaction.atomic():
-        rows = _append_many(session_id, run_id=run_id, events=events, worker_id=worker_id)
+        rows = _append_many(session_id, run_id=run_id, events=events, worker_id=worker_id, announce=False)
         for row in rows:
             if row.kind == EventKind.APPROVAL:
                 from approvals.services import record_request
@@ -330,6 +343,8 @@ def events_append(
                 plan=checkpoint.get("plan"),
                 engine_state={k: v for k, v in checkpoint.items() if k not in {"plan", "context_variables"}},
             )
+        # Rendered now, with the checkpoint's phase, step and plan in place; sent once committed.
+        _announce_events(rows, render_now=True)
     return rows
 
 

@@ -258,6 +258,65 @@ class TestBatchedWrites:
         assert (note["first"], note["seq"]) == (base + 1, base + 5)
         assert re.findall(r'data-seq="(\d+)"', note["html"]) == [str(base + i) for i in range(1, 6)]
 
+    def test_the_fragment_is_rendered_in_the_write_and_only_sent_after_commit(self, alice, monkeypatch):
+        """The pushed fragment shows the checkpoint written with it; once committed, announcing reads nothing more."""
+        from django.test.utils import CaptureQueriesContext
+
+        session = services.session_start(owner=alice, task="Batch", mode="one_shot")
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        sent = []
+        monkeypatch.setattr(services, "_send", lambda kind, target, message: sent.append(message))
+        callbacks = []
+        monkeypatch.setattr(services.transaction, "on_commit", lambda callback, *args, **kwargs: callbacks.append(callback))
+        services.events_append(
+            session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner,
+            events=[EngineEvent(EventKind.MESSAGE, agent="engineer", content="done", prompt_tokens=7, completion_tokens=3)],
+            checkpoint={"phase": "execution", "step": 2, "plan": [{"agent": "engineer", "description": "fit", "status": "in_progress"}]},
+        )
+        assert Event.objects.filter(session=session, content="done").exists()  # committed, nothing announced yet
+        assert sent == []
+        with CaptureQueriesContext(connection) as queries:
+            for callback in callbacks:
+                callback()
+        assert len(queries) == 0
+        [note] = [n for n in sent if n["type"] == "session.event"]
+        assert '<dd data-testid="phase">execution</dd>' in note["html"]
+        assert '<dd data-testid="step">2 of 1</dd>' in note["html"]
+        assert '<dd data-testid="tokens">10</dd>' in note["html"]
+
+    def test_a_fragment_that_fails_to_render_still_lets_the_write_commit_and_announce(self, alice, monkeypatch):
+        session = services.session_start(owner=alice, task="Batch", mode="one_shot")
+        notes = []
+        monkeypatch.setattr(services, "_send", lambda kind, target, message: notes.append(message))
+
+        def broken(session, rows):
+            raise ValueError("a template bug")
+
+        monkeypatch.setattr(services, "render_push", broken)
+        [row] = services.events_append(session_id=session.pk, run_id=None, events=[EngineEvent(EventKind.MESSAGE, content="kept")])
+        assert Event.objects.get(session=session, seq=row.seq).content == "kept"
+        [note] = [n for n in notes if n["type"] == "session.event"]
+        assert (note["first"], note["seq"]) == (row.seq, row.seq) and "html" not in note  # sockets read the rows
+
+    def test_a_database_error_while_rendering_fails_the_write_instead_of_committing_part_of_it(self, alice, monkeypatch):
+        from django.db import OperationalError
+
+        session = services.session_start(owner=alice, task="Batch", mode="one_shot")
+        base = Session.objects.get(pk=session.pk).last_seq
+        notes = []
+        monkeypatch.setattr(services, "_send", lambda kind, target, message: notes.append(message))
+
+        def lost(session, rows):
+            raise OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(services, "render_push", lost)
+        with pytest.raises(OperationalError):
+            services.events_append(session_id=session.pk, run_id=None, events=[EngineEvent(EventKind.MESSAGE, content="x")], checkpoint={"phase": "p"})
+        assert Session.objects.get(pk=session.pk).last_seq == base
+        assert not Event.objects.filter(session=session, seq__gt=base).exists()
+        assert SessionState.objects.get(session=session).current_phase != "p"
+        assert [n for n in notes if n["type"] == "session.event"] == []
+
     def test_a_batch_after_the_lease_is_lost_writes_nothing(self, alice):
         session = services.session_start(owner=alice, task="Batch", mode="one_shot")
         run = services.run_claim(worker_id="w1", lease_seconds=30)
