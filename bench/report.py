@@ -183,7 +183,7 @@ def main() -> int:
         names = ", ".join(f"`{row['bench']}`" for row in rows)
         note = (
             f"Re-run afterwards with `python bench/report.py --only {args.only} --refresh` on "
-            f"{datetime.date.today().isoformat()} (1-minute load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after): "
+            f"{datetime.date.today().isoformat()} on {machine()} (1-minute load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after): "
             f"{names}; the other rows are from the run above."
         )
         if refresh_readme(rows, ROOT / "README.md", note=note):
