@@ -26,7 +26,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from cmbagent_site.db import worker_database_sync_to_async as database_sync_to_async
+from cmbagent_site.db import database_sync_to_async
 from orchestrator.engine.events import EngineEvent, EventKind
 from orchestrator.engine.hitl import Policy
 from orchestrator.engine.process import EngineProcess, warm_launcher

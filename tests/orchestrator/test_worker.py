@@ -290,43 +290,14 @@ async def test_with_debug_on_the_worker_does_not_keep_the_queries_it_ran(alice, 
     so its database calls (``cmbagent_site.db``) forget theirs, or its memory grows by up to 9,000 queries of event SQL."""
     from django.db import connection
 
-    from cmbagent_site.db import worker_database_sync_to_async
-
     settings.DEBUG = True
     session = await _start(alice)
     worker = RunWorker(worker_id="w-debug")
-    # The run writes on the worker's own database thread, the one this reads from.
-    logged = worker_database_sync_to_async(lambda: len(connection.queries_log))
+    # The run writes on the worker's database thread, the one this reads from.
+    logged = database_sync_to_async(lambda: len(connection.queries_log))
     await _run_once(worker)
     kept = await logged()
     state = (await _reload(session))[2]
     assert state.version >= 3, "the run wrote too few times to tell"
     # Each of the run's writes logged 7 queries or more; none is kept.
     assert kept == 0, kept
-
-
-async def test_a_socket_reads_beside_the_worker_not_behind_its_writes(alice):
-    """The worker's database calls run on a thread of their own: a socket's read (asgiref's shared sync thread)
-    is answered while a worker write is still under way, rather than queued behind it."""
-    import threading
-
-    from cmbagent_site.db import database_sync_to_async as socket_database_sync_to_async
-    from cmbagent_site.db import worker_database_sync_to_async
-
-    release = threading.Event()
-    threads = {}
-
-    def slow_write():
-        threads["worker"] = threading.get_ident()
-        assert release.wait(10), "the read never ran while the write waited"
-
-    def read():
-        threads["socket"] = threading.get_ident()
-        release.set()
-        return Session.objects.filter(owner=alice).count()
-
-    writing = asyncio.ensure_future(worker_database_sync_to_async(slow_write)())
-    await asyncio.sleep(0.05)
-    assert await asyncio.wait_for(socket_database_sync_to_async(read)(), 5) == 0
-    await writing
-    assert threads["worker"] != threads["socket"]
