@@ -380,7 +380,7 @@ class Side:
             server_cpu_ms_per_event=self.cpu_s * 1000 / max(len(self.stamps), 1),
             fragment_bytes=sum(frames) / len(frames) if frames else math.nan,
             unexpected_frames=sum(len(c.unexpected) for c in self.clients),
-            write_p50_ms=percentile(sorted(w / 1e6 for w in self.writes_ns), 50) if self.writes_ns else math.nan, latencies_ms=lat,
+            write_p50_ms=percentile(sorted(w / 1e6 for w in self.writes_ns), 50), latencies_ms=lat,
         )
 
 
