@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 SCHEMA_RETRY_SECONDS = 5
 STOP_POLL_SECONDS = 0.5  # how often a running run checks for Cancel or Suspend
 BATCH_EVENTS = 100  # the most events one transaction writes for a run
+# How long a run's first write waits for the run's first reply to join it. A run's first lines (its
+# task, its phase) come a moment before the first reply of a fast model: one write, not two, then
+# brings that reply to the page sooner. A slow model's reply never comes that soon; its task waits this.
+FIRST_WRITE_WAIT = 0.005
 TAIL_KINDS = {EventKind.TASK, EventKind.MESSAGE, EventKind.HANDOFF, EventKind.TOOL_CALL, EventKind.TOOL_RESULT}
 
 
@@ -81,6 +85,23 @@ def _unapplied_migrations() -> list:
 def _session_and_log(session_id) -> tuple[Session, list[EngineEvent]]:
     """The session and its log as engine events: one trip to the database thread."""
     return Session.objects.get(pk=session_id), selectors.engine_history(session_id)
+
+
+OPENING_KINDS = {EventKind.TASK, EventKind.PHASE}  # what a run writes before its team's first reply
+
+
+def _is_reply(line: dict) -> bool:
+    """A line past a run's opening: what its team did (a message, a call, a request), or the run's end."""
+    return line["type"] != "event" or line["event"]["kind"] not in OPENING_KINDS
+
+
+async def _wait_for_a_reply(child: EngineProcess, lines: list[dict]) -> None:
+    """Add to ``lines`` what ``child`` writes until a reply is among them, for up to FIRST_WRITE_WAIT."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FIRST_WRITE_WAIT
+    while not any(_is_reply(line) for line in lines) and len(lines) < BATCH_EVENTS and loop.time() < deadline:
+        await asyncio.sleep(0.0005)
+        lines += child.ready(BATCH_EVENTS - len(lines))
 
 
 class RunWorker:
@@ -269,11 +290,16 @@ class RunWorker:
             self._watch_run(run.pk, owner, child, stop)
             outcome: dict | None = None
             fatal: dict | None = None
+            first_write = True
             async for first in child.messages():
                 # Whatever else the run wrote while the last batch was committing goes in this one.
+                lines = [first, *child.ready(BATCH_EVENTS - 1)]
+                if first_write:
+                    first_write = False
+                    await _wait_for_a_reply(child, lines)
                 events: list[EngineEvent] = []
                 checkpoint: dict | None = None
-                for message in [first, *child.ready(BATCH_EVENTS - 1)]:
+                for message in lines:
                     if message["type"] == "event":
                         event = EngineEvent.from_dict(message["event"])
                         if event.kind in TAIL_KINDS:

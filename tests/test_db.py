@@ -26,3 +26,42 @@ async def test_with_debug_on_a_call_outside_a_request_keeps_none_of_its_queries(
     await channels_database_sync_to_async(connection.queries_log.clear)()
     await wrapper(_read_users)()
     assert await channels_database_sync_to_async(_logged)() == kept
+
+
+def test_postgresql_goes_through_a_pool_that_fails_fast(monkeypatch):
+    """A PostgreSQL URL gets a connection pool whose wait is bounded (DB_POOL=0 turns it off); SQLite keeps its connection."""
+    from cmbagent_site.settings import _database
+
+    monkeypatch.delenv("DB_POOL", raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgres://app@db.internal:5432/cmbagent?sslmode=require")
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "7")
+    db = _database()
+    assert db["CONN_MAX_AGE"] == 0  # Django's pool needs it: a request hands its connection back when it ends
+    assert db["OPTIONS"]["sslmode"] == "require"  # the URL's own options are kept
+    assert db["OPTIONS"]["pool"]["max_size"] == 7
+    assert 0 < db["OPTIONS"]["pool"]["timeout"] <= 2  # an outage answers within /healthz's budget
+    monkeypatch.setenv("DB_POOL", "0")
+    assert "pool" not in _database().get("OPTIONS", {})
+    monkeypatch.delenv("DATABASE_URL")
+    assert "pool" not in _database().get("OPTIONS", {})
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the pool is PostgreSQL's: the PostgreSQL tier runs this")
+async def test_requests_on_threads_of_their_own_reuse_pooled_connections():
+    """Each request runs on a new thread; without the pool each would open a PostgreSQL connection of its own."""
+    from channels.testing import HttpCommunicator
+
+    from cmbagent_site.asgi import application
+
+    pool = connection.pool
+    before = pool.get_stats()
+    for _ in range(8):
+        request = HttpCommunicator(application, "GET", "/healthz", headers=[(b"host", b"localhost")])
+        response = await request.get_response()
+        assert response["status"] == 200, response
+        await request.wait(timeout=5)  # the request's end, where Django hands its connection back
+    after = pool.get_stats()
+    served = after.get("requests_num", 0) - before.get("requests_num", 0)
+    opened = after.get("connections_num", 0) - before.get("connections_num", 0)
+    assert served >= 8, (before, after)
+    assert opened <= 2, f"{opened} connections opened for {served} requests"

@@ -301,3 +301,68 @@ async def test_with_debug_on_the_worker_does_not_keep_the_queries_it_ran(alice, 
     assert state.version >= 3, "the run wrote too few times to tell"
     # Each of the run's writes logged 7 queries or more; none is kept.
     assert kept == 0, kept
+
+
+class _ScriptedChild:
+    """A run's process that writes ``lines``, the first at once and each next one after ``gap`` seconds."""
+
+    def __init__(self, lines: list[dict], gap: float) -> None:
+        self.lines, self.gap, self.returncode, self.pid = lines, gap, None, 0
+        self.start = asyncio.get_running_loop().time()
+        self.given = 0
+
+    def _due(self) -> int:
+        return min(len(self.lines), 1 + int((asyncio.get_running_loop().time() - self.start) / self.gap))
+
+    async def messages(self):
+        while self.given < len(self.lines):
+            while self._due() <= self.given:
+                await asyncio.sleep(self.gap / 4)
+            self.given += 1
+            yield self.lines[self.given - 1]
+
+    def ready(self, limit: int) -> list[dict]:
+        found = self.lines[self.given : min(self._due(), self.given + limit)]
+        self.given += len(found)
+        return found
+
+    async def wait(self) -> int:
+        self.returncode = 0
+        return 0
+
+    def kill(self) -> None:
+        pass
+
+
+def _lines(*kinds: str) -> list[dict]:
+    from orchestrator.engine.events import EngineEvent
+
+    out = [{"type": "event", "event": EngineEvent(kind, agent="idea_maker", content=kind).to_dict(), "checkpoint": {}} for kind in kinds]
+    return out + [{"type": "outcome", "status": "completed", "reason": ""}]
+
+
+@pytest.mark.parametrize(("gap", "first_write"), [(0.002, ["task", "phase", "message"]), (0.2, ["task"])])
+async def test_a_runs_first_write_waits_briefly_for_its_first_reply(alice, monkeypatch, gap, first_write):
+    """A reply that follows the task within FIRST_WRITE_WAIT shares its write; a slower one does not hold the task back."""
+    from orchestrator import worker as worker_module
+    from orchestrator.engine.process import EngineProcess
+
+    session = await _start(alice, mode="idea_generation")
+    lines = _lines("task", "phase", "message", "message")
+
+    async def spawn(spec, *, spares=0):
+        return _ScriptedChild(lines, gap)
+
+    writes: list[list[str]] = []
+    real_append = services.events_append
+
+    def append(**kwargs):
+        writes.append([str(event.kind) for event in kwargs["events"]])
+        return real_append(**kwargs)
+
+    monkeypatch.setattr(EngineProcess, "spawn", spawn)
+    monkeypatch.setattr(worker_module.services, "events_append", append)
+    await _run_once(RunWorker(worker_id="w-first-write"))
+    assert writes[0] == first_write
+    assert sum(writes, []) == ["task", "phase", "message", "message"]
+    assert [kind for _, kind, _ in await _log(session)][2:-1] == ["task", "phase", "message", "message"]
