@@ -143,6 +143,8 @@ def _postgres_pool() -> dict:
     fails within it (``/healthz`` answers 503) instead of hanging; a pool
     gives up reconnecting after ``reconnect_timeout``, and the next request
     tries again at once, so it recovers within seconds of the database's return.
+    After a restart its idle connections are broken: the engine
+    (``cmbagent_site.postgresql``) replaces them all when it meets the first.
     """
     return {
         "min_size": int(os.environ.get("DB_POOL_MIN_SIZE", "2")),
@@ -157,7 +159,9 @@ def _database() -> dict:
     if url:
         db = dj_database_url.parse(url, conn_max_age=600, conn_health_checks=True)
         if db["ENGINE"] == "django.db.backends.postgresql" and os.environ.get("DB_POOL", "1") != "0":
+            db["ENGINE"] = "cmbagent_site.postgresql"  # Django's, checking each pooled connection as it hands it out
             db["CONN_MAX_AGE"] = 0  # the pool keeps the connections; Django hands each back when done
+            db["CONN_HEALTH_CHECKS"] = False  # done by the engine above, once per connection handed out
             db.setdefault("OPTIONS", {})["pool"] = _postgres_pool()
     else:
         VAR_DIR.mkdir(parents=True, exist_ok=True)

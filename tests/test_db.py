@@ -65,3 +65,35 @@ async def test_requests_on_threads_of_their_own_reuse_pooled_connections():
     opened = after.get("connections_num", 0) - before.get("connections_num", 0)
     assert served >= 8, (before, after)
     assert opened <= 2, f"{opened} connections opened for {served} requests"
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the pool is PostgreSQL's: the PostgreSQL tier runs this")
+async def test_after_a_database_restart_the_next_request_gets_a_working_connection_at_once():
+    """A restart breaks every idle pooled connection; the first request after it neither fails nor waits for backoffs."""
+    import time
+
+    import psycopg
+    from channels.testing import HttpCommunicator
+
+    from cmbagent_site.asgi import application
+
+    async def healthz() -> int:
+        request = HttpCommunicator(application, "GET", "/healthz", headers=[(b"host", b"localhost")])
+        response = await request.get_response(timeout=10)
+        await request.wait(timeout=10)
+        return response["status"]
+
+    assert await healthz() == 200
+    pool = connection.pool
+    await database_sync_to_async(pool.wait)(timeout=10)  # its idle connections are all open
+    params = {k: v for k, v in connection.get_connection_params().items() if k in {"host", "port", "user", "password"}}
+    with psycopg.connect(dbname="postgres", autocommit=True, **params) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            [connection.settings_dict["NAME"]],
+        ).fetchone()[0]
+    assert killed >= 2, killed  # the pool's idle connections, as a restart leaves them
+    started = time.monotonic()
+    assert await healthz() == 200
+    assert time.monotonic() - started < 0.8  # psycopg-pool's own check sleeps 1 s after each broken one
+    assert await healthz() == 200
