@@ -44,4 +44,3 @@ def test_postgresql_goes_through_a_pool_that_fails_fast(monkeypatch):
     assert "pool" not in _database().get("OPTIONS", {})
     monkeypatch.delenv("DATABASE_URL")
     assert "pool" not in _database().get("OPTIONS", {})
-
