@@ -140,7 +140,9 @@ def _postgres_pool() -> dict:
     hands one to each request or database call, which returns it when done.
 
     ``timeout`` bounds the wait for a connection, so during an outage a request
-    fails within it (``/healthz`` answers 503) instead of hanging; a pool
+    fails within it (``/healthz`` answers 503) instead of hanging (while every
+    connection is open and in use, the database is only busy, and a request
+    waits longer: ``DB_POOL_BUSY_TIMEOUT``); a pool
     gives up reconnecting after ``reconnect_timeout``, and the next request
     tries again at once, so it recovers within seconds of the database's return.
     After a restart its idle connections are broken: the engine
@@ -183,6 +185,9 @@ def _database() -> dict:
 
 
 DATABASES = {"default": _database()}
+# How long a request waits in all for a pooled PostgreSQL connection while every one is in use (the
+# database answers but is busy), before it fails (cmbagent_site.postgresql).
+DB_POOL_BUSY_TIMEOUT = float(os.environ.get("DB_POOL_BUSY_TIMEOUT", "30"))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
