@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import time
@@ -81,10 +82,70 @@ def _unapplied_migrations() -> list:
     return executor.migration_plan(executor.loader.graph.leaf_nodes())
 
 
-@database_sync_to_async
-def _session_and_log(session_id) -> tuple[Session, list[EngineEvent]]:
-    """The session and its log as engine events: one trip to the database thread."""
+def _read_session_and_log(session_id) -> tuple[Session, list[EngineEvent]]:
+    """The session and its log as engine events."""
     return Session.objects.get(pk=session_id), selectors.engine_history(session_id)
+
+
+_session_and_log = database_sync_to_async(_read_session_and_log)  # one trip to the database thread
+
+
+@dataclasses.dataclass
+class Claimed:
+    """A run this worker just claimed, with what its execution needs, read in the same trip to the database."""
+
+    run: Run
+    session: Session
+    history: list[EngineEvent]
+    notes: list[services.Note]  # the claim's announcements, not yet sent
+
+
+def _claim(*, worker_id: str, lease_seconds: int, exclude: set[int]) -> tuple[Claimed | None, list[services.Note]]:
+    """Claim a run and read its session and log (on the database thread); announcements are kept, not sent."""
+    with services.announcements_held() as notes:
+        run = services.run_claim(worker_id=worker_id, lease_seconds=lease_seconds, exclude=exclude)
+    if run is None:
+        return None, notes  # the claim may have recorded runs stopped while their worker was gone
+    return Claimed(run, *_read_session_and_log(run.session_id), notes), []
+
+
+def _kept(write: Callable, **kwargs):
+    """``write(**kwargs)`` on the database thread, returning its result and its announcements, unsent."""
+    with services.announcements_held() as notes:
+        result = write(**kwargs)
+    return result, notes
+
+
+class Announcer:
+    """Sends one run's announcements in the order of its writes, on the event loop, so that a write returns as
+    soon as it commits and the run's next write need not wait for the channel layer."""
+
+    def __init__(self) -> None:
+        self._last: asyncio.Task[None] | None = None
+
+    def send(self, notes: list[services.Note]) -> None:
+        if notes:
+            self._last = asyncio.get_running_loop().create_task(self._send(self._last, notes))
+
+    @staticmethod
+    async def _send(previous: asyncio.Task[None] | None, notes: list[services.Note]) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            if any(callable(message) for _, _, message in notes):
+                notes = await database_sync_to_async(services.prepare_announcements)(notes)
+            await services.send_announcements(notes)
+        except Exception:  # noqa: BLE001 - the rows are written; the pages catch up from them
+            logger.warning("could not announce a run's events", exc_info=True)
+
+    async def drain(self) -> None:
+        """Wait until everything given to :meth:`send` has been sent."""
+        if self._last is not None:
+            await asyncio.wait([self._last])
+
+    def cancel(self) -> None:
+        if self._last is not None:
+            self._last.cancel()
 
 
 OPENING_KINDS = {EventKind.TASK, EventKind.PHASE}  # what a run writes before its team's first reply
@@ -153,9 +214,13 @@ class RunWorker:
         await EngineProcess.keep_spares(self.spares)
         logger.info("worker %s serving (up to %d runs)", self.worker_id, self.max_runs)
         listener = asyncio.get_running_loop().create_task(self._listen()) if listen else None
+        last_reclaim = -math.inf
         try:
             while True:
-                await self._reclaim_orphans()
+                # Not at every wake-up (each Start wakes the workers): a queued run is claimed at once.
+                if time.monotonic() - last_reclaim >= self.poll_interval:
+                    last_reclaim = time.monotonic()
+                    await self._reclaim_orphans()
                 await self.claim_available()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
@@ -209,15 +274,17 @@ class RunWorker:
     async def claim_available(self) -> None:
         while len(self.active) < self.max_runs:
             try:
-                run = await database_sync_to_async(services.run_claim)(
+                claimed, notes = await database_sync_to_async(_claim)(
                     worker_id=self.worker_id, lease_seconds=self.lease_seconds, exclude=set(self.active)
                 )
             except Exception:  # noqa: BLE001 - the database may be restarting; try again next poll
                 logger.warning("worker %s could not claim runs", self.worker_id, exc_info=True)
                 return
-            if run is None:
+            if claimed is None:
+                Announcer().send(notes)
                 return
-            task = asyncio.get_running_loop().create_task(self.execute(run), name=f"run-{run.pk}")
+            run = claimed.run
+            task = asyncio.get_running_loop().create_task(self.execute(run, claimed=claimed), name=f"run-{run.pk}")
             self.active[run.pk] = task
             task.add_done_callback(lambda _t, pk=run.pk: self._ended(pk))
 
@@ -259,20 +326,30 @@ class RunWorker:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"watch-{self.worker_id}")
 
-    async def execute(self, run: Run, *, observer: Callable[[Event], None] | None = None) -> None:
+    async def execute(self, run: Run, *, observer: Callable[[Event], None] | None = None, claimed: Claimed | None = None) -> None:
         """Run the engine for ``run`` in a child process and persist every event it yields.
 
         ``observer``, if given, sees each Event row after it is committed.
+        ``claimed``: the run's session and log, read with its claim by :meth:`claim_available`.
         """
         tail: collections.deque[dict] = collections.deque(maxlen=services.HISTORY_TAIL)
-        append = database_sync_to_async(services.events_append)
+        announcer = Announcer()
+        kept = database_sync_to_async(_kept)
+
+        async def append(**kwargs) -> list[Event]:
+            rows, notes = await kept(services.events_append, **kwargs)
+            announcer.send(notes)
+            return rows
         status, detail = Run.Status.FAILED, ""
         stop: dict[str, str] = {}
         child: EngineProcess | None = None
         owner = run.lease_owner or self.worker_id  # this claim's fence
         try:
             # A continued or taken-over run goes on from the log: nothing repeated.
-            session, history = await _session_and_log(run.session_id)
+            if claimed is not None:
+                session, history = claimed.session, claimed.history
+            else:
+                session, history = await _session_and_log(run.session_id)
             spec = {
                 "task": session.task,
                 "mode": session.mode,
@@ -285,7 +362,11 @@ class RunWorker:
                 "answer": run.answer,
                 "memory_limit_mb": settings.RUN_MEMORY_LIMIT_MB,
             }
-            child = await EngineProcess.spawn(spec, spares=self.spares)
+            try:
+                child = await EngineProcess.spawn(spec, spares=self.spares)
+            finally:
+                if claimed is not None:
+                    announcer.send(claimed.notes)  # "running": made and sent while the run's process starts
             self.children[run.pk] = child
             self._watch_run(run.pk, owner, child, stop)
             outcome: dict | None = None
@@ -349,6 +430,7 @@ class RunWorker:
         except asyncio.CancelledError:
             # This worker is shutting down: hand the run back so another goes on from its log.
             stop["lost"] = "shutdown"
+            announcer.cancel()
             if child is not None:
                 child.kill()
             with contextlib.suppress(Exception):
@@ -383,9 +465,9 @@ class RunWorker:
                     await asyncio.shield(child.wait())
             if not stop.get("lost"):
                 try:
-                    await database_sync_to_async(services.run_finish)(
-                        run_id=run.pk, worker_id=owner, status=status, detail=detail
-                    )
+                    _, notes = await kept(services.run_finish, run_id=run.pk, worker_id=owner, status=status, detail=detail)
+                    announcer.send(notes)
+                    await announcer.drain()
                 except Exception as exc:
                     if not _database_unreachable(exc):
                         raise

@@ -6,10 +6,12 @@ listeners read the rows themselves, so a dropped note loses nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -48,17 +50,70 @@ class SessionError(ValueError):
 # --- announcements ----------------------------------------------------------
 
 
-def _send(kind: str, target: str, message: dict[str, Any]) -> None:
+# An announcement: ("group" or "channel", its name, the message). The message may be a callable that
+# makes it (a fragment rendered only when it is sent).
+Note = tuple[str, str, "dict[str, Any] | Callable[[], dict[str, Any]]"]
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def announcements_held() -> Iterator[list[Note]]:
+    """Within this block, the announcements this thread makes are kept in the list it yields, not sent.
+
+    The worker writes on one database thread. Sending from there made every
+    write wait for the channel layer (a hop to the event loop, then Redis)
+    before the next write could start. The worker sends what is kept itself,
+    in order, with :func:`send_announcements` (after :func:`prepare_announcements`
+    on the database thread if any message is still to be made).
+    """
+    kept: list[Note] = []
+    outer = getattr(_held, "notes", None)
+    _held.notes = kept
+    try:
+        yield kept
+    finally:
+        _held.notes = outer
+
+
+def prepare_announcements(notes: Sequence[Note]) -> list[Note]:
+    """``notes`` with every message made (a database read and a render, for some)."""
+    return [(kind, target, message() if callable(message) else message) for kind, target, message in notes]
+
+
+async def send_announcements(notes: Sequence[Note]) -> None:
+    """Send ``notes`` (prepared) on the channel layer, in order; a failed send is logged and skipped."""
     layer = get_channel_layer()
     if layer is None:
         return
-    try:
-        if kind == "group":
-            async_to_sync(layer.group_send)(target, message)
-        else:
-            async_to_sync(layer.send)(target, message)
-    except Exception:  # noqa: BLE001 - the rows are written; listeners catch up from them
-        logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
+    for kind, target, message in notes:
+        try:
+            if kind == "group":
+                await layer.group_send(target, message)
+            else:
+                await layer.send(target, message)
+        except Exception:  # noqa: BLE001 - the rows are written; listeners catch up from them
+            logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
+
+
+def _send(kind: str, target: str, message: dict[str, Any]) -> None:
+    kept = getattr(_held, "notes", None)
+    if kept is not None:
+        kept.append((kind, target, message))
+    elif get_channel_layer() is not None:
+        try:
+            async_to_sync(send_announcements)([(kind, target, message)])
+        except Exception:  # noqa: BLE001 - the rows are written; listeners catch up from them
+            logger.warning("could not announce %s to %s", message.get("type"), target, exc_info=True)
+
+
+def _send_made(kind: str, target: str, make: Callable[[], dict[str, Any]]) -> None:
+    """:func:`_send` of the message ``make`` makes, made only when it is sent (kept unmade while held)."""
+    kept = getattr(_held, "notes", None)
+    if kept is not None:
+        kept.append((kind, target, make))
+    else:
+        _send(kind, target, make())
 
 
 def _announce_events(rows: Sequence[Event], *, render_now: bool = False) -> None:
@@ -76,7 +131,7 @@ def _announce_events(rows: Sequence[Event], *, render_now: bool = False) -> None
         note = _event_note(rows)
         transaction.on_commit(lambda: _send("group", session_group(rows[0].session_id), note))
     else:
-        transaction.on_commit(lambda: _send("group", session_group(rows[0].session_id), _event_note(rows)))
+        transaction.on_commit(lambda: _send_made("group", session_group(rows[0].session_id), lambda: _event_note(rows)))
 
 
 def _event_note(rows: Sequence[Event]) -> dict[str, Any]:
@@ -196,8 +251,8 @@ def session_start(
         # No socket can be on a session that does not exist until this commits: its page reads this
         # event from the database, so it is not rendered and announced here (the Start button waits
         # on that). The owner's session list is still told of the new session.
+        worker_wake()  # first: the workers' wake-up starts the run; the session list can hear of it after
         _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."), announce=False)
-        worker_wake()
     session.refresh_from_db()
     logger.info("session %s started by user %s in mode %s", session.pk, owner.pk, mode)
     return session

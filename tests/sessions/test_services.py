@@ -377,3 +377,65 @@ def test_nul_characters_are_stored_as_replacement_characters(alice):
     state = SessionState.objects.get(pk=session.pk)
     assert (state.current_phase, state.context_variables, state.plan[0]["description"]) == ("ph\ufffd", {"x": "\ufffd"}, "\ufffd")
     assert Session.objects.get(pk=session.pk).usage == {"exec\ufffdutor": {"prompt": 1, "completion": 0, "cost": 0.0}}
+
+
+@pytest.mark.django_db(transaction=True)
+class TestAnnouncementsHeld:
+    """A worker's writes keep their announcements for the worker to send, off its database thread."""
+
+    class Layer:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str, dict]] = []
+
+        async def group_send(self, group, message):
+            self.sent.append(("group", group, message))
+
+        async def send(self, channel, message):
+            self.sent.append(("channel", channel, message))
+
+    def test_a_start_wakes_the_workers_before_anything_else_is_announced(self, alice, monkeypatch):
+        from sessions.groups import WORKER_CHANNEL
+
+        layer = self.Layer()
+        monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+        services.session_start(owner=alice, task="Wake first", mode="one_shot")
+        assert [(kind, target) for kind, target, _ in layer.sent][0] == ("channel", WORKER_CHANNEL)
+        assert [message["type"] for _, _, message in layer.sent] == ["run.wake", "session.status"]
+
+    def test_held_writes_commit_and_keep_their_notes_which_go_out_in_order_when_sent(self, alice, monkeypatch):
+        from asgiref.sync import async_to_sync
+
+        from sessions.groups import owner_group, session_group
+
+        layer = self.Layer()
+        monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+        session = services.session_start(owner=alice, task="Held", mode="one_shot")
+        layer.sent.clear()
+        with services.announcements_held() as notes:
+            run = services.run_claim(worker_id="w1", lease_seconds=30)
+            services.events_append(
+                session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner,
+                events=[EngineEvent(EventKind.MESSAGE, agent="engineer", content="held")],
+            )
+        assert layer.sent == []  # nothing sent from the writing thread
+        assert Event.objects.filter(session=session, content="held").exists()  # but committed
+        claim_note = notes[0][2]
+        assert callable(claim_note)  # the claim's fragment is made only when sent
+        prepared = services.prepare_announcements(notes)
+        async_to_sync(services.send_announcements)(prepared)
+        group, owner = session_group(session.pk), owner_group(alice.pk)
+        assert [(target, message["type"]) for _, target, message in layer.sent] == [
+            (group, "session.event"), (owner, "session.status"), (group, "session.event"),
+        ]
+        running, message = layer.sent[0][2], layer.sent[2][2]
+        assert (running["first"], running["seq"], message["first"]) == (2, 2, 3)
+        assert 'data-kind="status"' in running["html"] and "held" in message["html"]
+
+    def test_without_holding_nothing_changes_for_other_writers(self, alice, monkeypatch):
+        layer = self.Layer()
+        monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+        session = services.session_start(owner=alice, task="Direct", mode="one_shot")
+        layer.sent.clear()
+        services.run_claim(worker_id="w1", lease_seconds=30)
+        assert [message["type"] for _, _, message in layer.sent] == ["session.event", "session.status"]
+        assert "html" in layer.sent[0][2]
