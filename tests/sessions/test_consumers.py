@@ -100,6 +100,23 @@ async def test_other_user_is_closed_with_4403(alice, bob):
     assert await _closed_with(_communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)) == 4403
 
 
+@pytest.mark.parametrize("who", ["anonymous", "bob"])
+async def test_a_refused_socket_ignores_the_hello_the_page_sent_before_it_heard(alice, bob, who):
+    """A page sends its hello as soon as the socket opens, which can be before the refusal's close
+    frame reaches it. The server must ignore that frame: a consumer that handled it raised (it has no
+    session), and Daphne then dropped the connection, so the browser saw 1006 instead of the code."""
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(bob) if who == "bob" else None
+    ws = _communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)
+    assert (await ws.connect())[0]
+    await ws.send_json_to({"type": "hello", "after": 0})
+    await ws.send_json_to({"type": "decide", "request": "x", "decision": "approve"})
+    closed = await ws.receive_output()
+    assert closed == {"type": "websocket.close", "code": 4401 if who == "anonymous" else 4403}
+    assert await ws.receive_nothing(timeout=0.3)  # no error fragment, nothing sent after the close
+    await ws.disconnect()  # re-raises whatever the consumer raised
+
+
 async def test_wrong_origin_is_closed_with_4403(alice):
     session = await _start(alice)
     cookie = await database_sync_to_async(_cookie_for)(alice)
