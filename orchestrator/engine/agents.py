@@ -6,6 +6,7 @@ taking part, tools bound to the run's code runner).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -131,6 +132,30 @@ def role_of(agent: str) -> str:
     return spec.role if spec else agent.replace("_", " ").capitalize()
 
 
+class LoopHandoff(Handoff):
+    """A handoff whose tool answers on the event loop.
+
+    autogen's own handoff tool wraps a plain function, and a plain function
+    tool runs on the loop's thread pool: a thread hop, and its wake-ups, on
+    every turn of a Swarm. This one is a coroutine, and built once per
+    process for each (name, description, message): building one makes a
+    pydantic model, ~0.5 ms, and the run launcher's rehearsal builds them
+    before any run is forked.
+    """
+
+    @property
+    def handoff_tool(self) -> FunctionTool:
+        return _handoff_tool(self.name, self.description, self.message)
+
+
+@functools.lru_cache(maxsize=256)
+def _handoff_tool(name: str, description: str, message: str) -> FunctionTool:
+    async def handoff() -> str:
+        return message
+
+    return FunctionTool(handoff, name=name, description=description, strict=True)
+
+
 def build_agents(
     roster: Sequence[str],
     *,
@@ -149,9 +174,9 @@ def build_agents(
                 description=spec.description,
                 system_message=spec.prompt,
                 model_client=client_for(spec.name),
-                handoffs=[target for target in spec.handoffs if target in taking_part]
+                handoffs=[LoopHandoff(target=target) for target in spec.handoffs if target in taking_part]
                 + [
-                    Handoff(
+                    LoopHandoff(
                         target=PHASES[phase].lead,
                         name=PHASES[phase].tool_name,
                         description=PHASES[phase].description,

@@ -1,6 +1,8 @@
 """The engine on the offline model: events, phases, artifacts, determinism."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 
 import pytest
@@ -208,3 +210,34 @@ async def test_copilot_invokes_phases_as_tools(tmp_path):
     first = next(e for e in events if e.kind == EventKind.HANDOFF)
     assert first.data["phase"] == "planning" and first.content == "planner"
     assert EventKind.TOOL_CALL not in {e.kind for e in events[: events.index(first)]}
+
+
+class _NoThreads(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, fn, /, *args, **kwargs):
+        raise AssertionError(f"{fn!r} was sent to a thread")
+
+
+async def test_handoffs_answer_on_the_loop_not_on_threads(tmp_path):
+    """Every turn of a Swarm ends in a handoff; its tool answers on the event loop, with no thread hop
+    (autogen's own handoff tool runs a plain function on the loop's thread pool)."""
+    asyncio.get_running_loop().set_default_executor(_NoThreads())
+    engine, events, _ = await _run(tmp_path, "idea_generation")
+    assert engine.outcome.status == "completed"
+    handoffs = [e for e in events if e.kind == EventKind.HANDOFF]
+    assert len(handoffs) >= 5
+    assert not [e for e in events if e.kind == EventKind.ERROR]
+
+
+def test_handoff_tools_are_built_once_per_process():
+    """Building a tool makes a pydantic model; a second team of the same roster reuses the first's."""
+    from orchestrator.engine.agents import build_agents
+    from orchestrator.engine.offline import OfflineChatCompletionClient
+
+    def tools(agents):
+        return {tool.name: tool for agent in agents for tool in agent._handoff_tools}  # noqa: SLF001
+
+    roster = ("idea_maker", "idea_hater", "summarizer")
+    first = tools(build_agents(roster, client_for=lambda name: OfflineChatCompletionClient(name), tools={}))
+    second = tools(build_agents(roster, client_for=lambda name: OfflineChatCompletionClient(name), tools={}))
+    assert first and first.keys() == second.keys()
+    assert all(first[name] is second[name] for name in first)
