@@ -56,6 +56,7 @@ from orchestrator.engine.models import ModelConfig, client_factory
 from orchestrator.engine.modes import Mode
 from orchestrator.engine.offline import CODE_BLOCK, PLAN_LINE, STEP_MARK
 from orchestrator.engine.phases import PHASE_TOOLS
+from orchestrator.engine.runtime import quiet_team
 
 logger = logging.getLogger(__name__)
 
@@ -291,11 +292,12 @@ class SwarmOrchestrator:
             stream=self.model.provider == "openai" and self.model.stream,
         )
         gate = Gate(self.policy, code_allowed=bool(self.state.context_variables.get("code_allowed")))
-        return Swarm(
+        team = Swarm(
             agents,
             termination_condition=TextMentionTermination("TERMINATE", sources=["terminator"]) | gate,
             max_turns=self.max_turns,
         )
+        return quiet_team(team)
 
     async def run(self, history: Sequence[EngineEvent] = ()) -> AsyncIterator[tuple[EngineEvent, dict[str, Any]]]:
         """Run the team, or continue it from ``history`` (the engine events logged so far).

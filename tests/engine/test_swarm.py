@@ -241,3 +241,83 @@ def test_handoff_tools_are_built_once_per_process():
     second = tools(build_agents(roster, client_for=lambda name: OfflineChatCompletionClient(name), tools={}))
     assert first and first.keys() == second.keys()
     assert all(first[name] is second[name] for name in first)
+
+
+class _Counted:
+    """Counts the calls of one of autogen's runtime methods, on its class, and still calls it."""
+
+    def __init__(self, monkeypatch, name):
+        from autogen_core import SingleThreadedAgentRuntime
+
+        self.calls = 0
+        original = getattr(SingleThreadedAgentRuntime, name)
+        counter = self
+
+        if name == "_create_otel_attributes":
+            async def counted(self, *args, **kwargs):
+                counter.calls += 1
+                return await original(self, *args, **kwargs)
+        else:
+            def counted(self, *args, **kwargs):
+                counter.calls += 1
+                return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(SingleThreadedAgentRuntime, name, counted)
+
+
+async def _quiet_run(tmp_path, monkeypatch, *, quiet: bool = True):
+    import orchestrator.engine.swarm as swarm
+
+    if not quiet:
+        monkeypatch.setattr(swarm, "quiet_team", lambda team: team)
+    serialised, attributes = _Counted(monkeypatch, "_try_serialize"), _Counted(monkeypatch, "_create_otel_attributes")
+    engine, events, _ = await _run(tmp_path, "idea_generation")
+    assert engine.outcome.status == "completed"
+    return events, serialised.calls, attributes.calls
+
+
+async def test_the_runtime_skips_spans_and_event_records_nobody_reads(tmp_path, monkeypatch):
+    """With no tracer and autogen's event logger off (as in a run's process), the runtime serialises no
+    message for either; the transcript is the same as with all that work done."""
+    quiet_events, quiet_serialised, quiet_attributes = await _quiet_run(tmp_path / "q", monkeypatch)
+    loud_events, loud_serialised, loud_attributes = await _quiet_run(tmp_path / "l", monkeypatch, quiet=False)
+    assert quiet_serialised == quiet_attributes == 0
+    assert loud_serialised > 100 and loud_attributes > 50  # the control: autogen does it on every message
+    assert [e.to_dict() for e in quiet_events] == [e.to_dict() for e in loud_events]
+
+
+async def test_a_configured_tracer_or_event_logger_keeps_its_records(tmp_path, monkeypatch):
+    """Whoever turns tracing or autogen's event log on still gets them."""
+    import logging
+
+    from autogen_core import EVENT_LOGGER_NAME
+    from opentelemetry import trace
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.NoOpTracerProvider())
+    _, serialised, attributes = await _quiet_run(tmp_path / "t", monkeypatch)
+    assert serialised > 100 and attributes > 50
+    monkeypatch.undo()
+
+    event_logger = logging.getLogger(EVENT_LOGGER_NAME)
+    level = event_logger.level
+    event_logger.setLevel(logging.INFO)
+    try:
+        _, serialised, attributes = await _quiet_run(tmp_path / "e", monkeypatch)
+    finally:
+        event_logger.setLevel(level)
+    assert serialised > 50 and attributes == 0  # the event records are made; the spans are not
+
+
+def test_quieting_fails_loudly_if_autogen_moves_what_it_replaces():
+    from autogen_core import SingleThreadedAgentRuntime
+
+    from orchestrator.engine.runtime import quiet_team
+
+    class Team:
+        pass
+
+    with pytest.raises(AttributeError, match="_runtime"):
+        quiet_team(Team())
+    team = Team()
+    team._runtime = SingleThreadedAgentRuntime()  # noqa: SLF001
+    assert quiet_team(team) is team
