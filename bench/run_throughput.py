@@ -741,7 +741,9 @@ def run_backend(name: str, env: dict, tmp: Path, plan: Plan, token: str, db_name
             for n in plan.concurrency:
                 profilers = []
                 if plan.py_spy and n == max(plan.concurrency):
-                    profilers = [Profiler(plan.py_spy, w.pid, tmp / f"{name}-{w.name}.raw") for w in workers]
+                    # The workers, and the server when it is a process of its own (PostgreSQL + Redis).
+                    profiled = workers if server in workers else [server, *workers]
+                    profilers = [Profiler(plan.py_spy, p.pid, tmp / f"{name}-{p.name}.raw") for p in profiled]
                     await asyncio.sleep(1.0)  # py-spy attaches
                 out.append(await run_scenario(name, n, plan.single_reps if n == 1 else plan.multi_rounds, ctx, plan))
                 for prof in profilers:
@@ -857,7 +859,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, help="runworker processes on PostgreSQL + Redis (default 2)")
     parser.add_argument("--no-floor", action="store_true", help="skip the engine-only floor")
     parser.add_argument("--profile", action="store_true",
-                        help="record the worker process(es) with py-spy (PY_SPY or on PATH) during the largest scenario")
+                        help="record the worker process(es), and the server if apart, with py-spy (PY_SPY or on PATH) during the largest scenario")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, SQLite database)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
