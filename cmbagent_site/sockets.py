@@ -15,12 +15,6 @@ abruptly, pushes in flight):
   :meth:`join` are left when the socket disconnects and, whatever happened,
   when the consumer ends; the channel layer is then told the channel has
   ended (see cmbagent_site.redis_layer).
-- A frame that arrives after the server sent its close is ignored. A page
-  sends its hello as soon as its socket opens, which can be before a
-  refusal's close frame reaches it; handling that hello on a refused socket
-  raised (it has no session), and Daphne then dropped the connection, so
-  the browser saw 1006 instead of the refusal's code
-  (tests/e2e/test_live_session.py, once in CI).
 """
 from __future__ import annotations
 
@@ -90,11 +84,6 @@ class SocketConsumer(AsyncWebsocketConsumer):
         ended = getattr(layer, "channel_ended", None)
         if ended is not None:
             ended(channel)
-
-    async def websocket_receive(self, message: dict) -> None:
-        if self.socket_closed:
-            return  # said after our close: nobody is listening for the answer
-        await super().websocket_receive(message)
 
     async def websocket_disconnect(self, message: dict) -> None:
         self.socket_closed = True

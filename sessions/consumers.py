@@ -126,6 +126,11 @@ class SessionConsumer(SocketConsumer):
         return tokens < 0
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.group is None:
+            # Refused at connect (it has no session): a page sends its hello as soon as its socket
+            # opens, which can be before the refusal's close reaches it. Handling it raised, and
+            # Daphne then dropped the connection: the browser saw 1006 instead of the refusal's code.
+            return
         if self._over_rate():
             logger.warning("session socket %s: user %s sent too many messages; closing", self.session_id, self.scope["user"].pk)
             html = render_to_string("sessions/socket_error.html", {"message": "This page sent too many messages too fast; reload it to reconnect."})
