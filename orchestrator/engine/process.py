@@ -108,21 +108,25 @@ async def _serve(spec: dict[str, Any], out) -> None:
     send({"type": "outcome", "status": outcome.status if outcome else "failed", "reason": outcome.reason if outcome else ""})
 
 
-def _guard_memory(limit: int) -> None:
-    """End the process, saying why, when its resident memory goes over ``limit`` bytes.
+def _guard_memory(statm: int, limit: int) -> None:
+    """End the process, saying why, when its resident memory goes over ``limit`` bytes (``statm``: an open
+    /proc/self/statm).
 
     Runs on a thread started while memory is still there. Python does not
     always fail cleanly when memory runs out (a thread that cannot start for
     want of it leaves its starter waiting for ever), so the run is ended from
     here instead, with a cause its worker reports.
     """
-    page = os.sysconf("SC_PAGE_SIZE")
-    statm = os.open("/proc/self/statm", os.O_RDONLY)
     while True:
         time.sleep(MEMORY_CHECK_SECONDS)
-        if int(os.pread(statm, 64, 0).split()[1]) * page > limit:
-            os.write(2, b"MemoryError: the run's process went over its memory limit\n")
-            os._exit(EXIT_OVER_MEMORY)
+        _end_if_over(statm, limit)
+
+
+def _end_if_over(statm: int, limit: int) -> None:
+    """End the process, saying why, if its resident memory (``statm``: an open /proc/self/statm) is over ``limit``."""
+    if int(os.pread(statm, 64, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") > limit:
+        os.write(2, b"MemoryError: the run's process went over its memory limit\n")
+        os._exit(EXIT_OVER_MEMORY)
 
 
 def _prepare(env: dict[str, str], memory_limit_mb: int) -> None:
@@ -135,7 +139,11 @@ def _prepare(env: dict[str, str], memory_limit_mb: int) -> None:
     logging.getLogger("autogen_core").setLevel(logging.ERROR)
     if memory_limit_mb:
         limit = memory_limit_mb * 1024 * 1024
-        threading.Thread(target=_guard_memory, args=(limit,), name="memory-guard", daemon=True).start()
+        # Checked once at once: a run whose spec alone is over its limit never starts (a fast one could
+        # end before the guard's first look).
+        statm = os.open("/proc/self/statm", os.O_RDONLY)
+        _end_if_over(statm, limit)
+        threading.Thread(target=_guard_memory, args=(statm, limit), name="memory-guard", daemon=True).start()
         # A backstop for growth faster than the guard looks: address space beyond what the process
         # already maps (the launcher's, shared) plus twice its limit.
         mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
