@@ -512,7 +512,10 @@ def test_postgres_restart_mid_run(fault_cluster, private_postgres, tmp_path):
     sessions = cluster.start_sessions(TASKS[:5])
 
     cluster.wait_until(lambda: len(cluster.running_with_events(sessions)) >= 2, 60, "runs under way")
-    caught = cluster.running_with_events(sessions)
+    # Every run a worker holds as the database goes: which of them the outage interrupts depends on
+    # whose write each worker's one database thread was making then (the others' writes wait behind
+    # it and may find the database back), not on how many events each had written.
+    caught = cluster.running_with_events(sessions, at_least=0)
     pg.stop("fast")
     down_at = time.monotonic()
     answers: list[int | None] = []
