@@ -152,7 +152,8 @@ def autobahn_client(*, quiet: bool = False) -> tuple[type, type]:
 
 class SessionSocket:
     """A session page's socket, kept as the page's own script keeps it: it reconnects with backoff when it
-    drops and says hello with the last seq the page shows, so a reconnect's cost is measured, not lost.
+    drops, with the last seq the page shows in its URL and in its hello, so a reconnect's cost is measured,
+    not lost.
 
     Subclasses say when to stop trying (``stopped``), which seq the page shows (``last_seq``), what a failed
     connect and giving up mean to them (``connect_failed``, ``give_up``), and handle ``on_message`` and
@@ -187,7 +188,8 @@ class SessionSocket:
         if self.stopped():
             return
         factory_class, protocol_class = autobahn_client(quiet=True)
-        url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/"
+        # As the page does: the last seq it shows in the URL (the first batch comes at once), and a hello.
+        url = f"ws://{HOST}:{self.port}/ws/sessions/{self.session_id}/?after={self.last_seq()}"
         cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         factory = factory_class(url, origin=f"http://{HOST}:{self.port}", headers={"Cookie": cookie})
         factory.protocol = protocol_class

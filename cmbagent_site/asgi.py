@@ -8,8 +8,8 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cmbagent_site.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402 - needs Django set up
-from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402 - needs Django set up
+from channels.sessions import SessionMiddlewareStack  # noqa: E402
 
 from cmbagent_site.origin import OriginValidator  # noqa: E402
 from orchestrator.consumers import WorkerConsumer  # noqa: E402
@@ -20,7 +20,8 @@ from sessions.routing import websocket_urlpatterns  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": OriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns + approval_sockets))),
+        # Each route has its own auth (see sessions.routing): the session socket reads its user with its session.
+        "websocket": OriginValidator(SessionMiddlewareStack(URLRouter(websocket_urlpatterns + approval_sockets))),
         # Scaled out, `manage.py runworker orchestrator` hands this channel's messages to the worker.
         "channel": ChannelNameRouter({WORKER_CHANNEL: WorkerConsumer.as_asgi()}),
     }

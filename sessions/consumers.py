@@ -1,11 +1,18 @@
 """The session socket: pushes transcript fragments rendered from Event rows.
 
-The socket never owns a run. It subscribes to the session's group, waits for
-the page to say which seq it already shows (``{"type": "hello", "after": N}``,
-sent on every connect and reconnect), then sends every event after that seq
-and, on each "seq N is ready" note, whatever is new since. Notes are only
-hints: rows are always read from the database, so nothing falls between a
-page load and a push, and nothing is sent twice on one socket.
+The socket never owns a run. It subscribes to the session's group, learns
+which seq the page already shows, then sends every event after that seq and,
+on each "seq N is ready" note, whatever is new since. Notes are only hints:
+rows are always read from the database, so nothing falls between a page load
+and a push, and nothing is sent twice on one socket.
+
+The page says which seq it shows in its socket's URL (``?after=N``, set
+afresh on every connect and reconnect). The socket then needs one trip to
+the database before its first frame: the user, the session and the events
+after N are read together, and sent as soon as the socket is accepted. A
+client that leaves ``after`` out says it in its first frame instead
+(``{"type": "hello", "after": N}``); a hello after an ``after`` in the URL
+changes nothing that was already sent.
 """
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ import logging
 import time
 import uuid
 
+from channels.auth import get_user
 from django.conf import settings
+from django.http import QueryDict
 from django.template.loader import render_to_string
 
 from cmbagent_site.db import database_sync_to_async
@@ -37,22 +46,47 @@ MAX_FRAME = 64 * 1024  # control frames, and decisions with their feedback and e
 LEGACY_DECISIONS = ("resolve_approval", "approval_response")
 
 
-@database_sync_to_async
-def _visible_session(session_id: uuid.UUID, user) -> Session | None:
-    return session_for_user(session_id, user)
-
-
-@database_sync_to_async
-def _render_after(session_id: uuid.UUID, after: int) -> tuple[str, int, int]:
+def _render(session: Session, after: int) -> tuple[str, int, int]:
     """Fragments for up to BATCH events after ``after``: (html, new cursor, count)."""
     # The session first, then the rows: the status and totals pushed with a
     # batch may lag its rows, never run ahead of them ("completed" with the
     # last events still missing).
-    session = Session.objects.select_related("state").get(pk=session_id)
-    rows = events_after(session_id, after, limit=BATCH)
+    rows = events_after(session.pk, after, limit=BATCH)
     if not rows:
         return "", after, 0
     return render_push(session, rows), rows[-1].seq, len(rows)
+
+
+@database_sync_to_async
+def _render_after(session_id: uuid.UUID, after: int) -> tuple[str, int, int]:
+    return _render(Session.objects.select_related("state").get(pk=session_id), after)
+
+
+@database_sync_to_async
+def _open(scope: dict, session_id: uuid.UUID | None, after: int | None) -> tuple[int, tuple[str, int, int] | None]:
+    """A connect's one trip to the database: who the user is, whether they may see the session, and,
+    if the URL said what the page shows, the events after it. Returns (refusal code or 0, first batch)."""
+    user = scope.get("user")
+    if user is None and "session" in scope:
+        # This route resolves its user here rather than in a middleware of its own trip (see routing).
+        user = scope["user"] = get_user.func(scope)
+    if user is None or not user.is_authenticated:
+        return CLOSE_UNAUTHENTICATED, None
+    if session_id is None:
+        return CLOSE_NOT_FOUND, None
+    session = session_for_user(session_id, user)
+    if session is None:
+        return CLOSE_FORBIDDEN, None
+    return 0, None if after is None else _render(session, after)
+
+
+def _after(value) -> int | None:
+    """A page's "I show up to seq N" (hello's ``after``, or the URL's): N, or None if it is no whole number."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return None
+    return value
 
 
 def _decide_from_socket(user, session_id: uuid.UUID, frame: dict) -> str:
@@ -88,27 +122,41 @@ class SessionConsumer(SocketConsumer):
     cursor: int | None = None
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
         raw_id = self.scope["url_route"]["kwargs"].get("session_id", "")
-        if user is None or not user.is_authenticated:
-            logger.info("session socket refused: not logged in (session %r)", raw_id)
-            await self._refuse(CLOSE_UNAUTHENTICATED)
-            return
         try:
-            session_id = uuid.UUID(raw_id)
+            session_id: uuid.UUID | None = uuid.UUID(raw_id)
         except ValueError:
-            logger.info("session socket refused: %r is not a session id (user %s)", raw_id, user.pk)
-            await self._refuse(CLOSE_NOT_FOUND)
-            return
-        if await _visible_session(session_id, user) is None:
-            logger.info("session socket refused: user %s may not see session %s", user.pk, session_id)
-            await self._refuse(CLOSE_FORBIDDEN)
+            session_id = None
+        query = QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
+        after = _after(query.get("after")) if "after" in query else None
+        bad_after = "after" in query and after is None
+        if session_id is not None:
+            # Subscribe first, then read: nothing committed in between is missed. (Left again on a refusal.)
+            await self.join(session_group(session_id))
+        refusal, first = await _open(self.scope, session_id, None if bad_after else after)
+        if refusal:
+            user = self.scope.get("user")
+            logger.info(
+                "session socket refused (%s): user %s, session %r",
+                {CLOSE_UNAUTHENTICATED: "not logged in", CLOSE_NOT_FOUND: "not a session id"}.get(refusal, "not theirs"),
+                getattr(user, "pk", None), raw_id,
+            )
+            await self.leave_groups()
+            await self._refuse(refusal)
             return
         self.session_id = session_id
         self.group = session_group(session_id)
-        # Subscribe first, then read: nothing committed in between is missed.
-        await self.join(self.group)
         await self.accept()
+        if bad_after:
+            await self._reject_frame("the URL's after must be a whole number")
+        elif first is not None:
+            html, cursor, count = first
+            self.cursor = after
+            if count:
+                await self.send(text_data=html)
+                self.cursor = cursor
+            if count == BATCH:
+                await self.catch_up()
 
     async def _refuse(self, code: int) -> None:
         # Accept, then close with an application code: a refusal during the
@@ -171,14 +219,15 @@ class SessionConsumer(SocketConsumer):
         if frame.get("type") == "decide":
             await self._decide(frame)
         elif frame.get("type") == "hello":
-            after = frame.get("after", 0)
-            if isinstance(after, str) and after.isdigit():
-                after = int(after)
-            if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            after = _after(frame.get("after", 0))
+            if after is None:
                 await self._reject_frame("hello.after must be a whole number")
-                return
-            self.cursor = after
-            await self.catch_up()
+            elif self.cursor is not None:
+                # Caught up at connect (the URL's after): what was sent since is on its way to the page.
+                self.cursor = max(self.cursor, after)
+            else:
+                self.cursor = after
+                await self.catch_up()
         elif frame.get("type") == "ping":
             await self.send(text_data=json.dumps({"type": "pong"}))
         else:

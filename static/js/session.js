@@ -16,6 +16,22 @@
     return rows.length ? Number(rows[rows.length - 1].getAttribute("data-seq")) : 0;
   }
 
+  // The last event shown goes in the socket's URL (?after=N), afresh on every
+  // (re)connect: the server sends what is missing as soon as it accepts the
+  // socket, with no round trip for a hello. (The hello is still said, for a
+  // URL that went without it; after the URL's, it changes nothing.)
+  if (window.htmx && htmx.createWebSocket) {
+    var createWebSocket = htmx.createWebSocket;
+    htmx.createWebSocket = function (url) {
+      var el = document.getElementById("session-socket");
+      var path = el && el.getAttribute("ws-connect");
+      if (path && document.getElementById("transcript") && url.slice(-path.length) === path) {
+        url += "?after=" + lastSeq();
+      }
+      return createWebSocket(url);
+    };
+  }
+
   function setState(state, text) {
     var el = document.getElementById("connection");
     if (!el) return;

@@ -166,8 +166,9 @@ def test_socket_dropped_ten_times_mid_run_loses_and_repeats_nothing(
     e2e_server, live_server_url, watched, login, accounts, reference
 ):
     """Each socket the page opens is cut (as an abnormal close, 1006) right after the server's first message
-    on it: the page shows "reconnecting", reconnects, says which seq it has, and ends with exactly the database's
-    transcript — every seq once, in order — with the team's events those of an uninterrupted run."""
+    on it: the page shows "reconnecting", reconnects, says which seq it has (in each socket's URL, afresh), and
+    ends with exactly the database's transcript — every seq once, in order — with the team's events those of an
+    uninterrupted run."""
     context = watched.context()
     context.add_init_script(LIVE_PROBE)
     context.add_init_script(CONNECTION_PROBE)
@@ -198,7 +199,7 @@ def test_socket_dropped_ten_times_mid_run_loses_and_repeats_nothing(
         server.on_close(server_closed)
         ws.on_close(lambda code, reason: server.close())
 
-    page.route_web_socket(re.compile(r"/ws/sessions/[0-9a-f-]{36}/$"), route)
+    page.route_web_socket(re.compile(r"/ws/sessions/[0-9a-f-]{36}/\?after=\d+$"), route)
     login(page, accounts["alice"])
     session_id = start_session(page, live_server_url, TASK, "planning_and_control")
     page.evaluate("window.__e2e_same_document = true")
@@ -212,7 +213,11 @@ def test_socket_dropped_ten_times_mid_run_loses_and_repeats_nothing(
 
     assert page.evaluate("window.__e2e_same_document") is True, "the page was reloaded or navigated"
     assert len(drops) >= MIN_DROPS, f"only {len(drops)} drops during the run ({len(sockets)} sockets): make LATENCY larger"
-    assert all(url.endswith(f"/ws/sessions/{session_id}/") for url in sockets), sockets
+    afters = [re.search(rf"/ws/sessions/{session_id}/\?after=(\d+)$", url) for url in sockets]
+    assert all(afters), sockets
+    # Each reconnect's URL says what the page shows by then: more and more as the run goes on.
+    afters = [int(m.group(1)) for m in afters]
+    assert afters == sorted(afters) and afters[-1] > afters[0], afters
     states = page.evaluate("window.__connection")
     assert states.count("reconnecting") >= MIN_DROPS, states
     probe = page.evaluate("window.__e2e")

@@ -53,6 +53,16 @@ async def _opened(session, user) -> WebsocketCommunicator:
     return ws
 
 
+async def _members(group: str) -> int:
+    """How many channels the layer (in memory, or Redis on the PostgreSQL tier) has in ``group``."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if hasattr(layer, "groups"):
+        return len(layer.groups.get(group, {}))
+    return await layer.connection(layer.consistent_hash(group)).zcard(layer._group_key(group))
+
+
 @database_sync_to_async
 def _append(session, content):
     return services.event_append(
@@ -86,6 +96,75 @@ async def test_reconnect_catches_up_from_cursor(alice):
     ws = await _opened(session, alice)
     await ws.send_json_to({"type": "hello", "after": 2})
     assert SEQ.findall(await ws.receive_from(timeout=5)) == ["3", "4"]
+    await ws.disconnect()
+
+
+async def test_the_urls_after_sends_what_is_missing_at_connect_without_a_hello(alice):
+    """The page puts the last seq it shows in the socket's URL: what came after is sent as the socket is
+    accepted, then each new event. A hello said after it (the page still says one) sends nothing again."""
+    session = await _start(alice)
+    for text in ("a", "b", "c"):
+        await _append(session, text)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/?after=2", cookie=cookie)
+    assert (await ws.connect())[0]
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["3", "4"]  # no hello sent
+    await ws.send_json_to({"type": "hello", "after": 2})  # said before seqs 3 and 4 reached the page
+    assert await ws.receive_nothing(timeout=0.3)
+    await _append(session, "d")
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["5"]
+    await ws.send_json_to({"type": "hello", "after": 0})  # a hello never rewinds what this socket sent
+    assert await ws.receive_nothing(timeout=0.3)
+    await ws.disconnect()
+
+
+async def test_the_urls_after_catches_up_in_batches(alice):
+    """More than one batch missing: all of it arrives at connect, in order, each seq once."""
+    from sessions.consumers import BATCH
+
+    session = await _start(alice)
+    await database_sync_to_async(
+        lambda: services.events_append(
+            session_id=session.pk, run_id=None, worker_id=None,
+            events=[EngineEvent(EventKind.MESSAGE, agent="engineer", content=f"m{i}") for i in range(BATCH + 5)],
+        )
+    )()
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/?after=1", cookie=cookie)
+    assert (await ws.connect())[0]
+    seqs = SEQ.findall(await ws.receive_from(timeout=5)) + SEQ.findall(await ws.receive_from(timeout=5))
+    assert seqs == [str(n) for n in range(2, BATCH + 7)]
+    assert await ws.receive_nothing(timeout=0.3)
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("query", ["after=-1", "after=x", "after=", "after=1.5"])
+async def test_a_bad_after_in_the_url_is_told_and_the_hello_still_works(alice, query):
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    ws = _communicator(f"/ws/sessions/{session.pk}/?{query}", cookie=cookie)
+    assert (await ws.connect())[0]
+    error = await ws.receive_from(timeout=5)
+    assert 'id="socket-errors"' in error and "after must be a whole number" in error
+    await ws.send_json_to({"type": "hello", "after": 0})
+    assert SEQ.findall(await ws.receive_from(timeout=5)) == ["1"]
+    await ws.disconnect()
+
+
+@pytest.mark.parametrize("who", ["anonymous", "bob"])
+async def test_a_refused_socket_with_after_in_its_url_is_sent_nothing_and_leaves_the_group(alice, bob, who):
+    """The socket subscribes before its one read; refused, it leaves again: a later event reaches nobody there."""
+    from sessions.groups import session_group
+
+    session = await _start(alice)
+    cookie = await database_sync_to_async(_cookie_for)(bob) if who == "bob" else None
+    ws = _communicator(f"/ws/sessions/{session.pk}/?after=0", cookie=cookie)
+    assert (await ws.connect())[0]
+    assert await ws.receive_output() == {"type": "websocket.close", "code": 4401 if who == "anonymous" else 4403}
+    assert await _members(session_group(session.pk)) == 0  # joined for the read, then left
+    owner = await _opened(session, alice)
+    assert await _members(session_group(session.pk)) == 1  # the count sees a member (the control)
+    await owner.disconnect()
     await ws.disconnect()
 
 
