@@ -116,6 +116,11 @@ def _kept(write: Callable, **kwargs):
     return result, notes
 
 
+# Announcements being sent, held until sent: the event loop keeps only weak references to its tasks, and an
+# Announcer may be dropped at once (a claim that found no run but recorded stopped ones).
+_SENDING: set[asyncio.Task[None]] = set()
+
+
 class Announcer:
     """Sends one run's announcements in the order of its writes, on the event loop, so that a write returns as
     soon as it commits and the run's next write need not wait for the channel layer."""
@@ -126,6 +131,8 @@ class Announcer:
     def send(self, notes: list[services.Note]) -> None:
         if notes:
             self._last = asyncio.get_running_loop().create_task(self._send(self._last, notes))
+            _SENDING.add(self._last)
+            self._last.add_done_callback(_SENDING.discard)
 
     @staticmethod
     async def _send(previous: asyncio.Task[None] | None, notes: list[services.Note]) -> None:
