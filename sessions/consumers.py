@@ -133,7 +133,7 @@ class SessionConsumer(SocketConsumer):
         if session_id is not None:
             # Subscribe first, then read: nothing committed in between is missed. (Left again on a refusal.)
             await self.join(session_group(session_id))
-        refusal, first = await _open(self.scope, session_id, None if bad_after else after)
+        refusal, first = await _open(self.scope, session_id, after)
         if refusal:
             user = self.scope.get("user")
             logger.info(
