@@ -48,12 +48,15 @@ LEGACY_DECISIONS = ("resolve_approval", "approval_response")
 
 def _render(session: Session, after: int) -> tuple[str, int, int]:
     """Fragments for up to BATCH events after ``after``: (html, new cursor, count)."""
-    # The session first, then the rows: the status and totals pushed with a
-    # batch may lag its rows, never run ahead of them ("completed" with the
-    # last events still missing).
     rows = events_after(session.pk, after, limit=BATCH)
     if not rows:
         return "", after, 0
+    if rows[-1].seq > session.last_seq:
+        # Rows committed after the session was read (a status change among them): the status and totals
+        # sent with them are read again, or they would show the state before those rows, and nothing
+        # later corrects them (the cursor passes those rows; a run waiting for a person writes no more).
+        # Read after the rows, they may show a little more than the rows, which the next batch brings.
+        session = Session.objects.select_related("state").get(pk=session.pk)
     return render_push(session, rows), rows[-1].seq, len(rows)
 
 

@@ -326,3 +326,21 @@ async def test_a_batch_note_is_sent_as_rendered_only_when_it_starts_right_after_
     assert await ws.receive_nothing(timeout=0.3)  # nothing after 5 in the rows, and the overlap is never sent
     assert SEQ.findall(frames) == ["5"] and "five" in frames and "overlap" not in frames
     await ws.disconnect()
+
+
+def test_a_batch_read_after_its_session_shows_the_status_of_its_newest_rows(alice):
+    """A socket reads the session, then the rows after the page's seq. A status change committed between the
+    two reads is among the rows; the status and totals sent with them must not show the state before it: the
+    socket's cursor passes those rows, so no later note would correct a run that now waits for a person."""
+    from sessions import consumers, selectors
+    from sessions.models import Session
+
+    session = services.session_start(owner=alice, task="Estimate the optical depth to reionization", mode="one_shot")
+    read_first = selectors.session_for_user(session.pk, alice)  # the socket's session read, before the change
+    run = services.run_claim(worker_id="w-race", lease_seconds=30)
+    services.run_finish(run_id=run.pk, worker_id=run.lease_owner, status="waiting_approval", detail="Waiting for a person.")
+    html, cursor, count = consumers._render(read_first, 0)
+    now = Session.objects.get(pk=session.pk)
+    assert (cursor, count) == (now.last_seq, now.last_seq) and now.status == "waiting_approval"
+    assert re.search(r'id="session-status" class="badge badge--waiting_approval" data-status="waiting_approval"', html)
+    assert f'data-testid="event-count">{now.last_seq}<' in html
