@@ -44,6 +44,8 @@ BATCH_EVENTS = 100  # the most events one transaction writes for a run
 # task, its phase) come a moment before the first reply of a fast model: one write, not two, then
 # brings that reply to the page sooner. A slow model's reply never comes that soon; its task waits this.
 FIRST_WRITE_WAIT = 0.005
+# How long a run's next write waits for its first write's announcement to go out (see ``execute``).
+FIRST_ANNOUNCE_WAIT = 0.1
 TAIL_KINDS = {EventKind.TASK, EventKind.MESSAGE, EventKind.HANDOFF, EventKind.TOOL_CALL, EventKind.TOOL_RESULT}
 
 
@@ -145,10 +147,10 @@ class Announcer:
         except Exception:  # noqa: BLE001 - the rows are written; the pages catch up from them
             logger.warning("could not announce a run's events", exc_info=True)
 
-    async def drain(self) -> None:
-        """Wait until everything given to :meth:`send` has been sent."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until everything given to :meth:`send` has been sent (or ``timeout`` seconds have passed)."""
         if self._last is not None:
-            await asyncio.wait([self._last])
+            await asyncio.wait([self._last], timeout=timeout)
 
     def cancel(self) -> None:
         if self._last is not None:
@@ -379,6 +381,7 @@ class RunWorker:
             outcome: dict | None = None
             fatal: dict | None = None
             first_write = True
+            announced_first = False
             async for first in child.messages():
                 # Whatever else the run wrote while the last batch was committing goes in this one.
                 lines = [first, *child.ready(BATCH_EVENTS - 1)]
@@ -410,6 +413,12 @@ class RunWorker:
                     if observer is not None:
                         for row in rows:
                             observer(row)
+                    if not announced_first:
+                        # A page is waiting for the run's first reply: it goes out before the next write takes
+                        # the database thread (and the GIL, rendering) from the event loop's send. Bounded, so
+                        # a channel layer that hangs holds the run back once, briefly, and never again.
+                        announced_first = True
+                        await announcer.drain(timeout=FIRST_ANNOUNCE_WAIT)
             code = await child.wait()
             if stop.get("request"):
                 status = stop["request"]

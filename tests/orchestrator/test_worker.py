@@ -313,7 +313,11 @@ class _ScriptedChild:
         self.start = math.inf
         self.given = 0
 
+    released: int | None = None  # if set, exactly this many lines are due, whatever the time
+
     def _due(self) -> int:
+        if self.released is not None:
+            return self.released
         return min(len(self.lines), 1 + int(max(0.0, asyncio.get_running_loop().time() - self.start) / self.gap))
 
     async def messages(self):
@@ -374,6 +378,45 @@ async def test_a_runs_first_write_waits_briefly_for_its_first_reply(alice, monke
         assert writes[0] == first_write
     assert sum(writes, []) == ["task", "phase", "message", "message"]
     assert [kind for _, kind, _ in await _log(session)][2:-1] == ["task", "phase", "message", "message"]
+
+
+async def test_a_runs_first_reply_is_announced_before_its_next_write(alice, monkeypatch):
+    """The write holding a run's first reply is announced before the run's next write starts: a page waits for
+    that reply, and the next write would hold the database thread (and the GIL) while the announcement waits.
+    Later writes do not wait for theirs (below)."""
+    from orchestrator.engine.process import EngineProcess
+
+    await _start(alice, mode="idea_generation")
+    # The run's first reply at once, and all the rest as soon as its first write starts: the lines of the next
+    # write are waiting when the first returns, as they are for a fast model.
+    child = _ScriptedChild(_lines("task", "phase", "message", *["message"] * 30), 1.0)
+    child.released = 3
+    order: list[tuple[str, int, int]] = []
+    real_append, real_send = services.events_append, services.send_announcements
+
+    async def spawn(spec, *, spares=0):
+        return child
+
+    def append(**kwargs):
+        child.released = len(child.lines)
+        order.append(("writing", 0, 0))
+        rows = real_append(**kwargs)
+        order.append(("written", rows[0].seq, rows[-1].seq))
+        return rows
+
+    async def send(notes):
+        await real_send(notes)
+        order.extend(("sent", n["first"], n["seq"]) for _, _, n in notes if n["type"] == "session.event")
+
+    monkeypatch.setattr(EngineProcess, "spawn", spawn)
+    monkeypatch.setattr(services, "events_append", append)
+    monkeypatch.setattr(services, "send_announcements", send)
+    await _run_once(RunWorker(worker_id="w-first-sent"))
+    writes = [entry for entry in order if entry[0] == "written"]
+    assert len(writes) >= 2, order  # the run took more than one write
+    first = writes[0]
+    after = order[order.index(first) + 1 :]
+    assert ("sent", first[1], first[2]) in after[: after.index(("writing", 0, 0))], order
 
 
 async def test_a_runs_writes_do_not_wait_for_their_announcements(alice, monkeypatch):
