@@ -108,7 +108,8 @@ def _claim(*, worker_id: str, lease_seconds: int, exclude: set[int]) -> tuple[Cl
         run = services.run_claim(worker_id=worker_id, lease_seconds=lease_seconds, exclude=exclude)
     if run is None:
         return None, notes  # the claim may have recorded runs stopped while their worker was gone
-    return Claimed(run, *_read_session_and_log(run.session_id), notes), []
+    # The session as the claim wrote it (kept on the run by run_claim), and the log.
+    return Claimed(run, run.session, selectors.engine_history(run.session_id), notes), []
 
 
 def _kept(write: Callable, **kwargs):

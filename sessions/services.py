@@ -21,7 +21,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.db.models import F, Q
+from django.db.models import Exists, F, Q
 from django.utils import timezone
 
 from orchestrator.engine import hitl
@@ -116,7 +116,7 @@ def _send_made(kind: str, target: str, make: Callable[[], dict[str, Any]]) -> No
         _send(kind, target, make())
 
 
-def _announce_events(rows: Sequence[Event], *, render_now: bool = False) -> None:
+def _announce_events(rows: Sequence[Event], *, render_now: bool = False, session: Session | None = None) -> None:
     """After commit, tell the session's sockets that ``rows`` (consecutive seqs) are ready, rendered once for all.
 
     The fragment is rendered once, for every socket watching: a socket whose
@@ -125,22 +125,24 @@ def _announce_events(rows: Sequence[Event], *, render_now: bool = False) -> None
     ``render_now`` it is rendered at once, inside the writing transaction,
     which must have made all its changes to the session by then: the fragment
     then shows exactly what commits, and after the commit only the send is
-    left. Otherwise it is rendered after the commit.
+    left. Otherwise it is rendered after the commit. ``session``: the session (with its state) as the writing
+    transaction leaves it, rendered from as it is instead of being read again.
     """
     if render_now:
-        note = _event_note(rows)
+        note = _event_note(rows, session)
         transaction.on_commit(lambda: _send("group", session_group(rows[0].session_id), note))
     else:
         transaction.on_commit(lambda: _send_made("group", session_group(rows[0].session_id), lambda: _event_note(rows)))
 
 
-def _event_note(rows: Sequence[Event]) -> dict[str, Any]:
+def _event_note(rows: Sequence[Event], session: Session | None = None) -> dict[str, Any]:
     """The "seq N is ready" note for ``rows``, with their fragment when it renders and is small enough."""
     note: dict[str, Any] = {"type": "session.event", "first": rows[0].seq, "seq": rows[-1].seq}
     try:
-        # Not the state's conversation tail (up to HISTORY_TAIL long messages): no push shows it, and
-        # decoding it for every announce cost more than rendering the events.
-        session = Session.objects.select_related("state").defer("state__conversation_history").get(pk=rows[0].session_id)
+        if session is None:
+            # Not the state's conversation tail (up to HISTORY_TAIL long messages): no push shows it, and
+            # decoding it for every announce cost more than rendering the events.
+            session = Session.objects.select_related("state").defer("state__conversation_history").get(pk=rows[0].session_id)
         html = render_push(session, rows)
     except Exception as exc:  # noqa: BLE001 - listeners fall back to reading the rows
         if isinstance(exc, DatabaseError) and transaction.get_connection().in_atomic_block:
@@ -188,6 +190,7 @@ def save_session_state(
     current_step: int,
     plan: list[dict[str, Any]] | None = None,
     engine_state: dict[str, Any] | None = None,
+    state: SessionState | None = None,
 ) -> int:
     """Save a session's engine state and return its new version.
 
@@ -195,6 +198,9 @@ def save_session_state(
     read. A conflict (another writer got in between) is retried once with the
     version read again; a second conflict raises StateConflictError and
     nothing is written.
+
+    ``state``: the row as the caller read it (its version is then the one
+    read first, which saves a query); it is given what was saved.
     """
     fields: dict[str, Any] = {
         "conversation_history": storable(list(conversation_history)[-HISTORY_TAIL:]),
@@ -208,11 +214,15 @@ def save_session_state(
     if engine_state is not None:
         fields["engine_state"] = storable(engine_state)
     for attempt in (1, 2):
-        version = _read_version(session_id)
+        version = state.version if state is not None and attempt == 1 else _read_version(session_id)
         updated = SessionState.objects.filter(session_id=session_id, version=version).update(
             version=F("version") + 1, **fields
         )
         if updated:
+            if state is not None:
+                for name, value in fields.items():
+                    setattr(state, name, value)
+                state.version = version + 1
             return version + 1
         logger.warning("state of session %s changed during save (attempt %d)", session_id, attempt)
     raise StateConflictError(
@@ -252,8 +262,8 @@ def session_start(
         # event from the database, so it is not rendered and announced here (the Start button waits
         # on that). The owner's session list is still told of the new session.
         worker_wake()  # first: the workers' wake-up starts the run; the session list can hear of it after
-        _append(session.pk, run_id=run.pk, event=_status_event("queued", "Waiting for a worker."), announce=False)
-    session.refresh_from_db()
+        # No other transaction can see the new session: no lock to take, and the object is kept up to date.
+        _write_events(session, run_id=run.pk, events=[_status_event("queued", "Waiting for a worker.")], announce=False)
     logger.info("session %s started by user %s in mode %s", session.pk, owner.pk, mode)
     return session
 
@@ -276,24 +286,34 @@ def _status_event(status: str, detail: str = "") -> EngineEvent:
 
 
 def _append(session_id: UUID | str, *, run_id: int | None, event: EngineEvent, worker_id: str = "", announce: bool = True) -> Event:
-    """Write one event: :func:`_append_many` with one."""
-    return _append_many(session_id, run_id=run_id, events=[event], worker_id=worker_id, announce=announce)[0]
+    """Write one event: :func:`_write_events` with one."""
+    return _write_events(session_id, run_id=run_id, events=[event], worker_id=worker_id, announce=announce)[1][0]
 
 
-def _append_many(
-    session_id: UUID | str, *, run_id: int | None, events: Sequence[EngineEvent], worker_id: str = "", announce: bool = True
-) -> list[Event]:
-    """Allocate the next seqs under the session row's lock and write the events, in order.
+def _write_events(
+    session: Session | UUID | str, *, run_id: int | None, events: Sequence[EngineEvent], worker_id: str = "",
+    announce: bool = True, with_state: bool = False,
+) -> tuple[Session, list[Event]]:
+    """Allocate the next seqs under the session row's lock and write the events, in order; return the
+    session, as it is once they are written, and their rows.
 
     Must run inside a transaction. Applies the events' effect on the session
     (status, token totals) in the same transaction. With ``worker_id``, the
     write is fenced: it fails with :class:`LeaseLostError` unless that worker
     still holds the run's lease, so a worker presumed dead cannot add to a
-    log another worker has taken over.
+    log another worker has taken over. ``session``: its id, or a session this
+    transaction created (no other can see it, so it is not locked or read
+    again). ``with_state``: the session's state is read with it (without its
+    conversation tail), as ``session.state``.
     """
-    session = Session.objects.select_for_update().only("pk", "last_seq", "owner_id", "usage").get(pk=session_id)
-    if worker_id and not Run.objects.filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING).exists():
-        raise LeaseLostError(f"Worker {worker_id} no longer holds run {run_id}.")
+    if isinstance(session, Session):
+        session_id = session.pk
+    else:
+        session_id = session
+        locked = Session.objects.select_for_update(of=("self",))
+        if with_state:
+            locked = locked.select_related("state").defer("state__conversation_history")
+        session = locked.get(pk=session_id)
     seq = session.last_seq
     changes: dict[str, Any] = {"updated_at": timezone.now()}
     usage: dict[str, Any] | None = None
@@ -332,11 +352,19 @@ def _append_many(
         )
     changes["last_seq"] = seq
     if usage is not None:
-        changes["prompt_tokens"] = F("prompt_tokens") + prompt
-        changes["completion_tokens"] = F("completion_tokens") + completion
-        changes["cost_usd"] = F("cost_usd") + total_cost
+        # Sums, not F() expressions: the row is locked, and the session then holds what is written.
+        changes["prompt_tokens"] = session.prompt_tokens + prompt
+        changes["completion_tokens"] = session.completion_tokens + completion
+        changes["cost_usd"] = session.cost_usd + total_cost
         changes["usage"] = usage
-    Session.objects.filter(pk=session_id).update(**changes)
+    # The fence is in the update: a statement of its own, after the lock, so it sees a takeover committed meanwhile.
+    fenced = Session.objects.filter(pk=session_id)
+    if worker_id:
+        fenced = fenced.filter(Exists(Run.objects.filter(pk=run_id, lease_owner=worker_id, status=Run.Status.RUNNING)))
+    if not fenced.update(**changes):
+        raise LeaseLostError(f"Worker {worker_id} no longer holds run {run_id}.")
+    for name, value in changes.items():
+        setattr(session, name, value)
     if len(rows) == 1:
         rows[0].save(force_insert=True)
     else:
@@ -345,8 +373,9 @@ def _append_many(
         _announce_events(rows)
     if "status" in changes:
         note = {"type": "session.status", "session": str(session_id), "status": changes["status"], "last_seq": seq}
-        transaction.on_commit(lambda: _send("group", owner_group(session.owner_id), note))
-    return rows
+        owner_id = session.owner_id
+        transaction.on_commit(lambda: _send("group", owner_group(owner_id), note))
+    return session, rows
 
 
 def event_append(
@@ -382,7 +411,7 @@ def events_append(
     of them and the checkpoint are stored, or none.
     """
     with transaction.atomic():
-        rows = _append_many(session_id, run_id=run_id, events=events, worker_id=worker_id, announce=False)
+        session, rows = _write_events(session_id, run_id=run_id, events=events, worker_id=worker_id, announce=False, with_state=True)
         for row in rows:
             if row.kind == EventKind.APPROVAL:
                 from approvals.services import record_request
@@ -397,9 +426,11 @@ def events_append(
                 current_step=checkpoint.get("step", 0),
                 plan=checkpoint.get("plan"),
                 engine_state={k: v for k, v in checkpoint.items() if k not in {"plan", "context_variables"}},
+                state=getattr(session, "state", None),
             )
-        # Rendered now, with the checkpoint's phase, step and plan in place; sent once committed.
-        _announce_events(rows, render_now=True)
+        # Rendered now, from the session and state as this transaction leaves them (the checkpoint's phase, step
+        # and plan in place); sent once committed.
+        _announce_events(rows, render_now=True, session=session)
     return rows
 
 
@@ -621,7 +652,8 @@ def run_claim(*, worker_id: str, lease_seconds: int, run_id: int | None = None, 
         run.started_at = run.started_at or now
         run.save(update_fields=["status", "lease_owner", "lease_expires_at", "heartbeat_at", "started_at"])
         detail = "Taken over after its worker stopped." if resumed else "A worker started the run."
-        _append(run.session_id, run_id=run.pk, event=_status_event("running", detail))
+        # The session as the claim leaves it, kept on the run: its worker need not read it again.
+        run.session = _write_events(run.session_id, run_id=run.pk, events=[_status_event("running", detail)])[0]
     logger.info("worker %s claimed run %s of session %s", worker_id, run.pk, run.session_id)
     return run
 

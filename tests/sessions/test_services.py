@@ -37,6 +37,14 @@ class TestSessionStart:
         event = Event.objects.get(session=session)
         assert (event.seq, event.kind, event.data) == (1, "status", {"status": "queued"})
 
+    def test_the_started_session_is_returned_as_stored(self, alice):
+        """session_start returns the session as committed (queued, its first event counted), without reading it back."""
+        session = services.session_start(owner=alice, task="  Fit the spectrum ", mode="one_shot", config={"max_turns": 5})
+        fresh = Session.objects.get(pk=session.pk)
+        fields = ("status", "last_seq", "task", "title", "mode", "config", "model_provider", "created_at", "updated_at")
+        assert [getattr(session, f) for f in fields] == [getattr(fresh, f) for f in fields]
+        assert (session.status, session.last_seq, session.task) == ("queued", 1, "Fit the spectrum")
+
     @pytest.mark.parametrize(
         ("task", "mode", "message"),
         [
@@ -175,6 +183,16 @@ class TestRunLease:
         assert session.status == "running"
         assert Event.objects.filter(session=session).latest("seq").data == {"status": "running"}
 
+    def test_a_claim_keeps_the_session_as_it_left_it(self, session, django_assert_num_queries):
+        """The claim's worker builds the run from the session the claim locked and wrote: it need not read it again."""
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        with django_assert_num_queries(0):
+            kept = run.session
+        fresh = Session.objects.get(pk=session.pk)
+        fields = ("status", "last_seq", "task", "mode", "config", "model_provider", "updated_at")
+        assert [getattr(kept, f) for f in fields] == [getattr(fresh, f) for f in fields]
+        assert (kept.status, kept.last_seq) == ("running", 2)
+
     def test_expired_lease_is_taken_over(self, session):
         """A run whose worker stopped heartbeating is claimed again by another worker."""
         run = services.run_claim(worker_id="w1", lease_seconds=30)
@@ -257,6 +275,53 @@ class TestBatchedWrites:
         [note] = [n for n in notes if n["type"] == "session.event"]
         assert (note["first"], note["seq"]) == (base + 1, base + 5)
         assert re.findall(r'data-seq="(\d+)"', note["html"]) == [str(base + i) for i in range(1, 6)]
+
+    def test_a_batch_reads_its_session_and_state_once_with_the_lock(self, alice, monkeypatch):
+        """One read (the session and its state, with the session's lock), the session's update (which carries the
+        fence), the rows, the state's update: nothing read again, neither for the fence, the state's version nor
+        the fragment."""
+        from django.test.utils import CaptureQueriesContext
+
+        session = services.session_start(owner=alice, task="Batch", mode="one_shot")
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        monkeypatch.setattr(services, "_send", lambda kind, target, message: None)
+        with CaptureQueriesContext(connection) as queries:
+            services.events_append(
+                session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner, checkpoint={"phase": "execution"},
+                events=[EngineEvent(EventKind.MESSAGE, agent="engineer", content=f"m{i}", prompt_tokens=3) for i in range(3)],
+            )
+        statements = [q["sql"].split()[0].upper() for q in queries]
+        statements = [verb for verb in statements if verb in {"SELECT", "INSERT", "UPDATE", "DELETE"}]
+        assert statements == ["SELECT", "UPDATE", "INSERT", "UPDATE"], [q["sql"][:120] for q in queries]
+        assert SessionState.objects.get(session=session).version == 1
+
+    def test_the_fragment_rendered_in_the_write_is_the_one_the_committed_rows_render(self, alice, monkeypatch):
+        """Rendered from the session and state as the write leaves them, not read back: the same HTML as a render
+        from the database once committed, status, totals, usage, phase and plan included."""
+        from sessions.fragments import render_push
+
+        session = services.session_start(owner=alice, task="Batch", mode="planning_and_control")
+        run = services.run_claim(worker_id="w1", lease_seconds=30)
+        services.events_append(
+            session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner, checkpoint={"phase": "planning", "turns": 1},
+            events=[EngineEvent(EventKind.MESSAGE, agent="planner", content="first", prompt_tokens=5, completion_tokens=2, cost_usd=0.0001)],
+        )
+        notes = []
+        monkeypatch.setattr(services, "_send", lambda kind, target, message: notes.append(message))
+        events = [
+            EngineEvent(EventKind.MESSAGE, agent="engineer", content="**fit** it", prompt_tokens=11, completion_tokens=4, cost_usd=0.00125),
+            EngineEvent(EventKind.MESSAGE, agent="planner", content="next", prompt_tokens=7, completion_tokens=1, cost_usd=0.0002),
+            EngineEvent(EventKind.STATUS, content="The round budget is spent.", data={"status": "paused"}),
+        ]
+        checkpoint = {"phase": "control", "step": 1, "turns": 3, "continuations": 1,
+                      "plan": [{"agent": "engineer", "description": "fit", "status": "in_progress"}], "context_variables": {"k": 1}}
+        rows = services.events_append(session_id=session.pk, run_id=run.pk, worker_id=run.lease_owner, events=events,
+                                      checkpoint=checkpoint, conversation_tail=[{"agent": "planner", "content": "next"}])
+        [note] = [n for n in notes if n["type"] == "session.event"]
+        fresh = Session.objects.select_related("state").get(pk=session.pk)
+        assert fresh.status == "paused" and fresh.prompt_tokens == 23 and fresh.usage["engineer"]["prompt"] == 11
+        assert note["html"] == render_push(fresh, rows)
+        assert 'data-status="paused"' in note["html"] and "control" in note["html"]
 
     def test_the_fragment_is_rendered_in_the_write_and_only_sent_after_commit(self, alice, monkeypatch):
         """The pushed fragment shows the checkpoint written with it; once committed, announcing reads nothing more."""
