@@ -429,10 +429,12 @@ def _drop_the_connection_inside_a_write(cluster: FaultCluster, session_id: str) 
         waiting: list[tuple] = []
 
         def worker_waits() -> bool:
+            # Whoever waits for this lock, first come first: the run's next write (polled every 50 ms, well
+            # before its lease, which its waiting worker cannot renew, lets another worker's claim queue up
+            # too). Not found by the text of the query, which PostgreSQL cuts at track_activity_query_size.
             waiting[:] = cluster.sql(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
-                "AND query LIKE %s",
-                '%FROM "agent_sessions_session"%FOR UPDATE%',
+                "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) ORDER BY query_start",
+                lock.info.backend_pid,
             )
             return bool(waiting)
 
