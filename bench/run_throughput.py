@@ -211,7 +211,7 @@ class CpuMeter:
 
 def _helper_log(session_ids: list[str]) -> dict:
     """The event log of each session as the database has it: [(seq, kind, agent, status, turn)], status, error."""
-    from sessions.models import Event, Run, Session
+    from sessions.models import Event, Run, Session, SessionState
 
     out = {}
     for sid in session_ids:
@@ -227,9 +227,11 @@ def _helper_log(session_ids: list[str]) -> dict:
             status = (data or {}).get("status", "") if kind == "status" else ""
             rows.append((seq, kind, agent, status, int(m.group(1)) if m else -1, created.timestamp()))
         run = Run.objects.filter(session_id=sid).order_by("-number").first()
+        # Every write of a run's events carries the state checkpoint, which bumps the state's version.
+        writes = SessionState.objects.filter(session_id=sid).values_list("version", flat=True).first() or 0
         takeovers = Event.objects.filter(session_id=sid, kind="status", content__startswith="Taken over").count()
         out[sid] = {"events": rows, "status": session.status, "last_seq": session.last_seq,
-                    "error": run.error if run else "", "takeovers": takeovers}
+                    "error": run.error if run else "", "takeovers": takeovers, "writes": writes}
     return out
 
 
@@ -466,6 +468,8 @@ class Result:
     stages: dict = field(default_factory=dict)  # stage -> [ms after Start, one per run]
     beat_age_max: float = 0.0  # s since the oldest lease renewal of a running run, at worst
     lapsed_max: int = 0  # running runs whose lease had run out, at worst
+    writes: int = 0  # the runs' writes of engine events (transactions), summed
+    engine_events: int = 0  # the engine events they wrote (the log without the Start's and the claim's rows)
     check: Check = field(default_factory=Check)
 
     @property
@@ -535,7 +539,10 @@ async def run_scenario(backend: str, n: int, rounds: int, ctx: dict, plan: Plan)
             if page.error:
                 res.check.notes.append(f"{backend} {n} runs, session {page.session_id[:8] or '(none)'}: {page.error}")
             if page.session_id:
-                res.check.add(check_page(page, logs[page.session_id], plan.messages))
+                log = logs[page.session_id]
+                res.check.add(check_page(page, log, plan.messages))
+                res.writes += log.get("writes", 0)
+                res.engine_events += sum(1 for row in log["events"] if row[1] != "status")
             else:
                 res.check.bad_end += 1  # Start itself failed
             if page.t_first_agent:
@@ -779,8 +786,8 @@ def report(results: dict[str, list[Result]], floor: dict[int, Result], header: l
         print(line)
     print()
     cols = ["backend", "runs", "rounds", "events", "events/s", "floor ev/s", "time vs floor", "1st frag p50 ms",
-            "p95 ms", "max ms", "floor 1st p50", "target", "POST p50 ms", "reconn", "lease age s", "lost/dup/reord",
-            "log dup/miss/reord", "takeovers"]
+            "p95 ms", "max ms", "floor 1st p50", "target", "POST p50 ms", "ev/write", "reconn", "lease age s",
+            "lost/dup/reord", "log dup/miss/reord", "takeovers"]
     rows = []
     for backend, rs in results.items():
         for r in rs:
@@ -797,7 +804,8 @@ def report(results: dict[str, list[Result]], floor: dict[int, Result], header: l
                 backend, str(r.runs), str(r.rounds), str(r.events), f"{r.rate:.0f}", f"{f.rate:.0f}" if f else "-",
                 f"{ratio:.2f}x" if ratio == ratio else "-", f"{pct(r.first_ms, 50):.0f}", f"{pct(r.first_ms, 95):.0f}",
                 f"{max(r.first_ms, default=math.nan):.0f}", f"{pct(f.first_ms, 50):.0f}" if f else "-",
-                ", ".join(met) or "-", f"{pct(r.post_ms, 50):.0f}", str(r.reconnects),
+                ", ".join(met) or "-", f"{pct(r.post_ms, 50):.0f}",
+                f"{r.engine_events / r.writes:.1f}" if r.writes else "-", str(r.reconnects),
                 f"{r.beat_age_max:.0f}" + (f" ({r.lapsed_max} lapsed)" if r.lapsed_max else ""),
                 r.check.delivery(), r.check.log(), str(r.check.takeovers),
             ])
