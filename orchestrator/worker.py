@@ -415,9 +415,11 @@ class RunWorker:
                         for row in rows:
                             observer(row)
                     if not announced_first:
-                        # A page is waiting for the run's first reply: it goes out before the next write takes
-                        # the database thread (and the GIL, rendering) from the event loop's send. Bounded, so
-                        # a channel layer that hangs holds the run back once, briefly, and never again.
+                        # A page is waiting for the run's first events (its first reply, unless the model is
+                        # slower than FIRST_WRITE_WAIT): they go out before the next write takes the database
+                        # thread (and the GIL, rendering) from the event loop's send. Bounded, so a channel layer
+                        # that hangs (or, under load, the claim's note queued for its render) holds the run back
+                        # once, briefly, and never again.
                         announced_first = True
                         await announcer.drain(timeout=FIRST_ANNOUNCE_WAIT)
             code = await child.wait()

@@ -200,7 +200,9 @@ def save_session_state(
     nothing is written.
 
     ``state``: the row as the caller read it (its version is then the one
-    read first, which saves a query); it is given what was saved.
+    tried first, which saves a query); it is given what was saved. If the row
+    changed since it was read, it is read again before the retry, so that it
+    never holds a field older than the one committed.
     """
     fields: dict[str, Any] = {
         "conversation_history": storable(list(conversation_history)[-HISTORY_TAIL:]),
@@ -214,7 +216,12 @@ def save_session_state(
     if engine_state is not None:
         fields["engine_state"] = storable(engine_state)
     for attempt in (1, 2):
-        version = state.version if state is not None and attempt == 1 else _read_version(session_id)
+        if state is None:
+            version = _read_version(session_id)
+        else:
+            if attempt == 2:
+                state.refresh_from_db()  # another writer's plan or engine state, which this save may not replace
+            version = state.version
         updated = SessionState.objects.filter(session_id=session_id, version=version).update(
             version=F("version") + 1, **fields
         )
@@ -428,9 +435,10 @@ def events_append(
                 engine_state={k: v for k, v in checkpoint.items() if k not in {"plan", "context_variables"}},
                 state=getattr(session, "state", None),
             )
-        # Rendered now, from the session and state as this transaction leaves them (the checkpoint's phase, step
-        # and plan in place); sent once committed.
-        _announce_events(rows, render_now=True, session=session)
+        # Rendered now, with the checkpoint's phase, step and plan in place; sent once committed. From the session
+        # and state as this write leaves them when it saved the state (the state read with the lock may predate a
+        # writer this write waited for: the save then read it again); else read afresh.
+        _announce_events(rows, render_now=True, session=session if checkpoint is not None else None)
     return rows
 
 

@@ -93,6 +93,16 @@ class TestSaveSessionState:
         assert reads == [0, 1]
         assert (state.version, state.current_phase) == (2, "mine")
 
+    def test_a_state_read_before_another_writer_is_read_again_and_left_as_committed(self, session):
+        """Saving with the row as read earlier: a writer in between makes the save read the row again and retry,
+        and the object ends as the row committed, the other writer's plan included (this save left the plan)."""
+        mine = SessionState.objects.get(pk=session.pk)
+        SessionState.objects.filter(pk=session.pk).update(version=F("version") + 1, plan=[{"number": 7}], current_phase="other")
+        assert services.save_session_state(session.pk, **_state_args("mine"), state=mine) == 2
+        assert (mine.version, mine.plan, mine.current_phase) == (2, [{"number": 7}], "mine")
+        stored = SessionState.objects.get(pk=session.pk)
+        assert (stored.version, stored.plan, stored.current_phase) == (2, [{"number": 7}], "mine")
+
     def test_second_conflict_raises_and_writes_nothing(self, session, monkeypatch):
         """Two conflicts in a row raise StateConflictError; the other writer's state stays intact."""
         real = services._read_version
