@@ -382,12 +382,10 @@ class RunWorker:
             outcome: dict | None = None
             fatal: dict | None = None
             first_write = True
-            announced_first = False
             async for first in child.messages():
                 # Whatever else the run wrote while the last batch was committing goes in this one.
                 lines = [first, *child.ready(BATCH_EVENTS - 1)]
                 if first_write:
-                    first_write = False
                     await _wait_for_a_reply(child, lines)
                 events: list[EngineEvent] = []
                 checkpoint: dict | None = None
@@ -414,14 +412,14 @@ class RunWorker:
                     if observer is not None:
                         for row in rows:
                             observer(row)
-                    if not announced_first:
-                        # A page is waiting for the run's first events (its first reply, unless the model is
-                        # slower than FIRST_WRITE_WAIT): they go out before the next write takes the database
-                        # thread (and the GIL, rendering) from the event loop's send. Bounded, so a channel layer
-                        # that hangs (or, under load, the claim's note queued for its render) holds the run back
-                        # once, briefly, and never again.
-                        announced_first = True
-                        await announcer.drain(timeout=FIRST_ANNOUNCE_WAIT)
+                if first_write:
+                    # A page is waiting for the run's first events (its first reply, unless the model is
+                    # slower than FIRST_WRITE_WAIT): they go out before the next write takes the database
+                    # thread (and the GIL, rendering) from the event loop's send. Bounded, so a channel layer
+                    # that hangs (or, under load, the claim's note queued for its render) holds the run back
+                    # once, briefly, and never again.
+                    first_write = False
+                    await announcer.drain(timeout=FIRST_ANNOUNCE_WAIT)
             code = await child.wait()
             if stop.get("request"):
                 status = stop["request"]
