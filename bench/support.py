@@ -254,6 +254,28 @@ def cpu_s(pid: int, *, children: bool = False) -> float:
     return (int(f[i]) + int(f[i + 1])) / CLK_TCK
 
 
+def on_cpu_ms(pid: int) -> float:
+    """Milliseconds a process's threads have run on a CPU, by the scheduler's own count
+    (``/proc/<pid>/task/*/schedstat``, in ns): exact, where ``/proc/<pid>/stat`` counts clock ticks
+    of 10 ms. 0.0 for a process that is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile
+    return total / 1e6
+
+
+def children_of(pid: int) -> list[int]:
+    return [p for p in all_pids() if (f := proc_stat(p)) is not None and int(f[1]) == pid]
+
+
 def machine_busy_s() -> float:
     with open("/proc/stat", "rb") as fh:
         v = [int(x) for x in fh.readline().split()[1:9]]
