@@ -15,6 +15,11 @@ abruptly, pushes in flight):
   :meth:`join` are left when the socket disconnects and, whatever happened,
   when the consumer ends; the channel layer is then told the channel has
   ended (see cmbagent_site.redis_layer).
+- Frames and pushes that arrive after the consumer closed the socket (a
+  flood told to stop with 4429 had thousands more on their way) were still
+  handled, one by one, each with a trip to the database thread, for nobody.
+  They are now dropped unread; the disconnect that follows still ends the
+  consumer.
 """
 from __future__ import annotations
 
@@ -84,6 +89,14 @@ class SocketConsumer(AsyncWebsocketConsumer):
         ended = getattr(layer, "channel_ended", None)
         if ended is not None:
             ended(channel)
+
+    async def dispatch(self, message: dict) -> None:
+        if self.socket_closed and message.get("type") != "websocket.disconnect":
+            # A frame the client sent before our close reached it (a flood told to stop, say), or a push
+            # for the page: nobody reads a reply. Dropped before channels' dispatch, which would first
+            # send the database thread a trip (closing stale connections) for every one.
+            return
+        await super().dispatch(message)
 
     async def websocket_disconnect(self, message: dict) -> None:
         self.socket_closed = True

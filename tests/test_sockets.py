@@ -23,11 +23,14 @@ def in_memory_layer(settings):
 
 
 class Probe(SocketConsumer):
+    handled: list[str] = []  # every frame a probe's handler saw, in order
+
     async def connect(self) -> None:
         await self.join(GROUP)
         await self.accept()
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
+        Probe.handled.append(text_data)
         if text_data == "raise":
             raise RuntimeError("a handler that fails")
         if text_data == "hang":
@@ -36,6 +39,10 @@ class Probe(SocketConsumer):
             await self.close(code=4429)
             return
         await self.send(text_data="echo:" + text_data)
+
+    async def probe_note(self, event: dict) -> None:  # a push to the group
+        Probe.handled.append(f"note {event['n']}")
+        await self.send(text_data=f"note:{event['n']}")
 
 
 class Socket:
@@ -72,6 +79,19 @@ async def _joined(socket: Socket) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the probe never joined its group")
+
+
+async def test_pushes_reach_an_open_socket():
+    """The probe's push handler works: what the test above sees dropped is dropped for being late."""
+    Probe.handled.clear()
+    socket = Socket()
+    socket.start()
+    await _joined(socket)
+    await get_channel_layer().group_send(GROUP, {"type": "probe.note", "n": 7})
+    await socket.say("after")
+    assert Probe.handled == ["note 7", "after"]
+    await socket.incoming.put({"type": "websocket.disconnect", "code": 1000})
+    await asyncio.wait_for(socket.task, 5)
 
 
 async def test_a_send_to_a_gone_socket_is_dropped_and_the_consumer_goes_on():
@@ -111,13 +131,19 @@ async def test_a_cancelled_consumer_leaves_its_groups():
     assert _members() == {}
 
 
-async def test_sends_after_the_consumer_closed_are_dropped():
+async def test_frames_after_the_consumer_closed_are_not_handled():
+    Probe.handled.clear()
     socket = Socket()
     socket.start()
     await _joined(socket)
+    await socket.say("first")
     await socket.say("close")  # the consumer closes (as on a flood) ...
-    await socket.say("late")  # ... and a frame queued before it is still handled: its reply goes nowhere
-    assert [m["type"] for m in socket.sent] == ["websocket.accept", "websocket.close"]
+    for n in range(50):  # ... while the frames the client sent before it knew are still arriving
+        await socket.incoming.put({"type": "websocket.receive", "text": f"late {n}"})
+    await get_channel_layer().group_send(GROUP, {"type": "probe.note", "n": 1})  # and a push for the page
+    await socket.say("last")
+    assert Probe.handled == ["first", "close"]  # not one of them handled
+    assert [m["type"] for m in socket.sent] == ["websocket.accept", "websocket.send", "websocket.close"]
     await socket.incoming.put({"type": "websocket.disconnect", "code": 4429})
     await asyncio.wait_for(socket.task, 5)
     assert _members() == {}

@@ -11,11 +11,12 @@ through ``sessions.services.event_append`` (with status changes and approval
 requests among them), so pushes are in flight to every kind of socket while
 it closes: right after the handshake, just after its hello, while its
 catch-up is read from the database, while it listens. The first OVERLOADS
-sockets leave the server more frames than it can handle before Daphne
-cancels their consumers; the last FLOODS flood the server until it closes
-them (and still has frames of theirs to answer), and the last DRAINS stay
-open a moment, so that the server reads whatever the last pushes left for
-channels that are gone.
+sockets send the server tens of thousands of frames at once and go: the
+server closes them at its rate limit (4429) and must drop the rest unread,
+not work through them for nobody until Daphne kills their consumers; the
+last FLOODS flood the server until it closes them (with frames of theirs
+still on their way), and the last DRAINS stay open a moment, so that the
+server reads whatever the last pushes left for channels that are gone.
 
 Once every socket is closed, the server must be back where it was after a
 warm-up of WARM_UP sockets:
@@ -30,10 +31,11 @@ warm-up of WARM_UP sockets:
 - resident memory within RSS_GROWTH_MIB of the warm-up's;
 - nothing in the server log from a send to a closed socket (no "Exception
   inside application", no traceback), and no consumer that Daphne had to
-  kill because it waited on a channel-layer receive that ignored its
-  cancellation (the OVERLOADS consumers are killed, as they should be, and
-  must leave nothing behind either). The producer, which stands for a run,
-  saw no failed write or announcement.
+  kill: not the OVERLOADS consumers (which, before their late frames were
+  dropped, took the server minutes of work and were killed), nor one that
+  waited on a channel-layer receive that ignored its cancellation. (That a
+  consumer cancelled mid-handler leaves its groups is tests/test_sockets.py's.)
+  The producer, which stands for a run, saw no failed write or announcement.
 """
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ from tests.system.conftest import PROJECT_DIR
 N_SOCKETS = 10_000
 WARM_UP = 500  # sockets before the baseline: imports, caches, pools and allocator arenas have grown by then
 CONCURRENCY = 56
-OVERLOADS = 2  # of the N_SOCKETS, first: leave the server more work than it can do before Daphne cancels them
-OVERLOAD_FRAMES = 40_000  # pings: over 10 s of work even for a fast server (a trip to its database thread each)
+OVERLOADS = 2  # of the N_SOCKETS, first: send the server far more frames than it would handle in Daphne's 10 s
+OVERLOAD_FRAMES = 40_000  # pings: handled one by one, over 10 s of work for any server (a trip to its database thread each)
 FLOODS = 24  # of the N_SOCKETS, at the end: flood the server until it closes them
 DRAINS = 8  # of the N_SOCKETS: the last, kept open a moment
 # Daphne kills a consumer still running 10 s after its socket closed, and it ends at once:
@@ -255,8 +257,9 @@ class Churn:
         elif behaviour == "pings":
             writer.write(_text({"type": "hello", "after": after}) + _text({"type": "ping"}) * 2)
         elif behaviour == "overload":
-            # Thousands of frames, then gone: the server needs far longer than Daphne's 10 s to work
-            # through them, one trip to its database thread each, and Daphne cancels the consumer.
+            # Thousands of frames, then gone: handled one by one (a trip to the database thread each),
+            # they would keep the consumer busy long past Daphne's 10 s. The server closes the socket at
+            # its rate limit and drops the rest.
             writer.write(PING * OVERLOAD_FRAMES)
             await writer.drain()
             await asyncio.sleep(0.5)
@@ -416,11 +419,10 @@ def test_ten_thousand_sockets_leave_no_tasks_groups_buffers_or_memory_behind(hyg
     try:
         cluster.wait_until(lambda: sum(seqs.values()) > 5 * len(world["live"]) + 20, 30, "the producer's first events")
 
-        # The warm-up, from OVERLOADS sockets that leave the server more frames than it can handle
-        # before Daphne cancels their consumers (10 s after they went); they are in the baseline.
+        # The warm-up, from OVERLOADS sockets that send far more frames than the server would handle
+        # in Daphne's 10 s; they are in the baseline.
         asyncio.run(churn.run(0, OVERLOADS, OVERLOADS, forced="overload"))
         asyncio.run(churn.run(OVERLOADS, WARM_UP))
-        cluster.wait_until(lambda: server.log().count("took too long to shut down") >= OVERLOADS, 30, "Daphne to cancel the overloaded consumers")
         warm = server.quiet()
         churn_started = time.monotonic()
         asyncio.run(churn.run(WARM_UP, N_SOCKETS - FLOODS - DRAINS))
@@ -464,7 +466,6 @@ def test_ten_thousand_sockets_leave_no_tasks_groups_buffers_or_memory_behind(hyg
     assert churn.stats["opened"] >= 0.99 * N_SOCKETS, report
     assert churn.stats["client-errors"] <= 0.01 * N_SOCKETS, (churn.errors, report)
     assert churn.stats["flood-closed-by-server"] >= FLOODS // 2, report
-    assert sum("took too long" in line for line in killed) >= OVERLOADS, report  # the overloaded consumers were cancelled
     assert churn.stats["closed-clean"] >= 0.45 * N_SOCKETS and churn.stats["closed-reset"] + churn.stats["closed-fin"] >= 0.45 * N_SOCKETS, report
     assert churn.stats["messages"] > N_SOCKETS // 20 and produced["events"] > EVENTS_PER_SECOND / 2 * churn_seconds, (produced, report)
 
@@ -475,9 +476,8 @@ def test_ten_thousand_sockets_leave_no_tasks_groups_buffers_or_memory_behind(hyg
     for sign in ("Exception inside application", "Traceback"):
         if sign in log:
             problems.append(f"{sign!r} in the server log:\n{log[log.find(sign) - 300:][:3000]}")
-    stuck_in_receive = [line for line in killed if "RedisChannelLayer.receive" in line]
-    if stuck_in_receive:
-        problems.append(f"{len(stuck_in_receive)} consumers killed by Daphne while their receive ignored its cancellation: {stuck_in_receive[0][:400]}")
+    if killed:
+        problems.append(f"{len(killed)} consumers killed by Daphne, slow to end after their sockets closed: {killed[0][:400]}")
     # Nothing left behind.
     if after["group_members"]:
         problems.append(f"closed sockets still in groups: {after['groups']}")
