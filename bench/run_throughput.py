@@ -1163,6 +1163,9 @@ def main() -> int:
                 bound = 50 if r.runs == 1 else 200
                 met = met and worst <= bound and (r.runs < 50 or r.rate >= 1000)
                 parts.append(f"{backend} {r.runs}: {r.rate:.0f} ev/s, 1st fragment p50 {first:.0f} ms (max {worst:.0f})")
+        bounds = [f"{row[0]} {row[1]}: {row[6]} ms" for row in first_fragment_bound(results, floor, infos) if int(row[1]) >= 50]
+        if bounds:
+            parts.append("least possible max 1st fragment (CPU bound) " + ", ".join(bounds))
         headline(
             "run_throughput.py", "Start -> first agent fragment, and delivered events/s, at 1, 10 and 50 concurrent runs",
             "; ".join(parts) + f"; lost/duplicated/reordered {total.lost}/{total.duplicated}/{total.reordered}",
