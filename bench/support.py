@@ -255,25 +255,23 @@ def cpu_s(pid: int, *, children: bool = False) -> float:
 
 
 def on_cpu_ms(pid: int) -> float:
-    """Milliseconds a process's threads have run on a CPU, by the scheduler's own count
-    (``/proc/<pid>/task/*/schedstat``, in ns): exact, where ``/proc/<pid>/stat`` counts clock ticks
-    of 10 ms. 0.0 for a process that is gone."""
-    total = 0
+    """Milliseconds of CPU a process has used, all its threads, ended ones included: its process CPU
+    clock (Linux's clock id for a pid), in ns, where :func:`cpu_s` counts clock ticks of 10 ms.
+    0.0 for a process that is gone."""
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
+        return time.clock_gettime_ns((~pid << 3) | 2) / 1e6  # CPUCLOCK_SCHED of the whole process
     except OSError:
         return 0.0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as fh:
-                total += int(fh.read().split()[0])
-        except (OSError, IndexError, ValueError):
-            pass  # a thread that ended meanwhile
-    return total / 1e6
 
 
-def children_of(pid: int) -> list[int]:
-    return [p for p in all_pids() if (f := proc_stat(p)) is not None and int(f[1]) == pid]
+def children_of(*parents: int) -> dict[int, int]:
+    """The live children of ``parents``: child pid -> parent pid."""
+    wanted, found = set(parents), {}
+    for pid in all_pids():
+        f = proc_stat(pid)
+        if f is not None and int(f[1]) in wanted:
+            found[pid] = int(f[1])
+    return found
 
 
 def machine_busy_s() -> float:
@@ -300,13 +298,7 @@ def pids_matching(pred) -> list[int]:
 
 def launchers_of(workers: list[int]) -> dict[int, int]:
     """The run launcher (multiprocessing's forkserver) of each worker: launcher pid -> worker pid."""
-    parents = set(workers)
-    found = {}
-    for pid in all_pids():
-        f = proc_stat(pid)
-        if f is not None and int(f[1]) in parents and "multiprocessing.forkserver" in cmdline(pid):
-            found[pid] = int(f[1])
-    return found
+    return {pid: parent for pid, parent in children_of(*workers).items() if "multiprocessing.forkserver" in cmdline(pid)}
 
 
 def runs_cpu_s(workers: list[int]) -> float:

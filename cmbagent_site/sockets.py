@@ -15,11 +15,12 @@ abruptly, pushes in flight):
   :meth:`join` are left when the socket disconnects and, whatever happened,
   when the consumer ends; the channel layer is then told the channel has
   ended (see cmbagent_site.redis_layer).
-- Frames and pushes that arrive after the consumer closed the socket (a
-  flood told to stop with 4429 had thousands more on their way) were still
-  handled, one by one, each with a trip to the database thread, for nobody.
-  They are now dropped unread; the disconnect that follows still ends the
-  consumer.
+- Frames that arrive after the consumer closed the socket (a flood told to
+  stop with 4429 had thousands more on their way), and pushes for a socket
+  that is closed either way, were still handled, one by one, each with a trip
+  to the database thread, for nobody. They are now dropped unread; the
+  disconnect that follows still ends the consumer. (The frames of a client
+  that left by itself are still handled: one may carry a decision.)
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class SocketConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.joined_groups: list[str] = []
         self.socket_closed = False  # a close was sent or the client went away: later sends are dropped
+        self.close_sent = False  # this consumer closed the socket: the client was told to stop sending
 
     async def join(self, group: str) -> None:
         """Join ``group`` for as long as this socket lives."""
@@ -64,7 +66,7 @@ class SocketConsumer(AsyncWebsocketConsumer):
             if self.socket_closed:
                 return
             if message.get("type") == "websocket.close":
-                self.socket_closed = True
+                self.socket_closed = self.close_sent = True
             try:
                 await send(message)
             except SOCKET_GONE as exc:
@@ -91,10 +93,16 @@ class SocketConsumer(AsyncWebsocketConsumer):
             ended(channel)
 
     async def dispatch(self, message: dict) -> None:
-        if self.socket_closed and message.get("type") != "websocket.disconnect":
-            # A frame the client sent before our close reached it (a flood told to stop, say), or a push
-            # for the page: nobody reads a reply. Dropped before channels' dispatch, which would first
-            # send the database thread a trip (closing stale connections) for every one.
+        kind = message.get("type", "")
+        if kind != "websocket.disconnect" and (
+            # A frame the client sent before our close reached it (a flood told to stop, say). A frame
+            # from a client that went away by itself is still handled: it may carry a decision.
+            (kind == "websocket.receive" and self.close_sent)
+            # A push for the page, which nobody reads any more.
+            or (not kind.startswith("websocket.") and self.socket_closed)
+        ):
+            # Dropped before channels' dispatch, which would first send the database thread a trip
+            # (closing stale connections) for every one.
             return
         await super().dispatch(message)
 

@@ -179,8 +179,10 @@ class SessionConsumer(SocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.group is None:
             # Refused at connect (it has no session): a page sends its hello as soon as its socket
-            # opens, which can be before the refusal's close reaches it. Handling it raised, and
-            # Daphne then dropped the connection: the browser saw 1006 instead of the refusal's code.
+            # opens, which can be before the refusal's close reaches it. SocketConsumer.dispatch drops
+            # such frames once the refusal's close is sent; this stays in case one comes before it.
+            # (Handling it raised, and Daphne then dropped the connection: the browser saw 1006
+            # instead of the refusal's code.)
             return
         if self._over_rate():
             logger.warning("session socket %s: user %s sent too many messages; closing", self.session_id, self.scope["user"].pk)

@@ -82,7 +82,7 @@ async def _joined(socket: Socket) -> None:
 
 
 async def test_pushes_reach_an_open_socket():
-    """The probe's push handler works: what the test above sees dropped is dropped for being late."""
+    """The probe's push handler works: what the next tests see dropped is dropped for being late."""
     Probe.handled.clear()
     socket = Socket()
     socket.start()
@@ -95,11 +95,15 @@ async def test_pushes_reach_an_open_socket():
 
 
 async def test_a_send_to_a_gone_socket_is_dropped_and_the_consumer_goes_on():
+    Probe.handled.clear()
     socket = Socket(fail_sends=True)
     socket.start()
     await _joined(socket)
     await socket.say("hello")  # its reply meets a closed socket: dropped, not raised
-    await socket.say("again")
+    await socket.say("again")  # the client went away by itself: its frames are still handled (a decision, say)
+    await get_channel_layer().group_send(GROUP, {"type": "probe.note", "n": 2})  # a push for nobody: dropped
+    await socket.say("last")
+    assert Probe.handled == ["hello", "again", "last"]
     assert not socket.task.done()
     await socket.incoming.put({"type": "websocket.disconnect", "code": 1006})
     await asyncio.wait_for(socket.task, 5)
