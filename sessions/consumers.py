@@ -31,7 +31,7 @@ from cmbagent_site.sockets import SocketConsumer
 from sessions.fragments import render_push
 from sessions.groups import owner_group, session_group
 from sessions.models import Session
-from sessions.selectors import events_after, session_for_user
+from sessions.selectors import events_after, session_for_viewer
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _open(scope: dict, session_id: uuid.UUID | None, after: int | None) -> tuple
         return CLOSE_UNAUTHENTICATED, None
     if session_id is None:
         return CLOSE_NOT_FOUND, None
-    session = session_for_user(session_id, user)
+    session = session_for_viewer(session_id, user)
     if session is None:
         return CLOSE_FORBIDDEN, None
     return 0, None if after is None else _render(session, after)

@@ -22,10 +22,25 @@ def sessions_of(user, *, status: str = "", mode: str = "", search: str = "") -> 
 
 
 def session_for_user(session_id: UUID | str, user) -> Session | None:
-    """The session if ``user`` may see it, else None (missing and forbidden look alike)."""
+    """The session if ``user`` owns it, else None (missing and forbidden look alike): who may control it."""
     if not getattr(user, "is_authenticated", False):
         return None
     return Session.objects.filter(pk=session_id, owner=user).select_related("state").first()
+
+
+def may_watch_every_session(user) -> bool:
+    """Staff who decide the approval requests of every session also see the sessions they decide for."""
+    return bool(getattr(user, "is_authenticated", False) and user.is_active and user.has_perm("approvals.approvals"))
+
+
+def session_for_viewer(session_id: UUID | str, user) -> Session | None:
+    """The session if ``user`` may see it (its owner, or staff with the approvals permission), else None."""
+    session = Session.objects.filter(pk=session_id).select_related("state", "owner").first()
+    if session is None or not getattr(user, "is_authenticated", False):
+        return None
+    if session.owner_id == user.pk or may_watch_every_session(user):
+        return session
+    return None
 
 
 def events_after(session_id: UUID | str, after: int, *, limit: int = 500) -> list[Event]:

@@ -23,9 +23,18 @@ logger = logging.getLogger(__name__)
 
 
 def _owned_session(request: HttpRequest, session_id: UUID) -> Session:
+    """The session, if the user owns it: only its owner controls it."""
     session = selectors.session_for_user(session_id, request.user)
     if session is None:
         # Someone else's session looks exactly like a missing one.
+        raise Http404("No such session.")
+    return session
+
+
+def _watched_session(request: HttpRequest, session_id: UUID) -> Session:
+    """The session, if the user may see it: its owner, or staff who decide its approval requests."""
+    session = selectors.session_for_viewer(session_id, request.user)
+    if session is None:
         raise Http404("No such session.")
     return session
 
@@ -64,7 +73,7 @@ def session_new(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
-    session = _owned_session(request, session_id)
+    session = _watched_session(request, session_id)
     # The latest window only: a session of 10,000 events opens as fast as one of 100; older ones load on scroll.
     events = selectors.transcript_window(session.pk, limit=settings.TRANSCRIPT_WINDOW)
     return render(
@@ -76,6 +85,7 @@ def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
             "first_seq": events[0].seq if events else 1,
             "last_seq": events[-1].seq if events else 0,
             "pending_approvals": pending_approvals(session),
+            "watching": session.owner_id != request.user.pk,  # staff, deciding for someone else's session
         },
     )
 
@@ -84,7 +94,7 @@ def session_detail(request: HttpRequest, session_id: UUID) -> HttpResponse:
 @login_required
 def session_events(request: HttpRequest, session_id: UUID) -> HttpResponse:
     """Older transcript events, a window at a time, before seq ``before`` (with the loader for the next ones)."""
-    session = _owned_session(request, session_id)
+    session = _watched_session(request, session_id)
     try:
         before = int(request.GET.get("before", ""))
     except ValueError:
@@ -105,8 +115,8 @@ INLINE_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image
 @require_GET
 @login_required
 def session_file(request: HttpRequest, session_id: UUID, path: str) -> FileResponse:
-    """A file written by the session's code, for its owner only."""
-    session = _owned_session(request, session_id)
+    """A file written by the session's code, for whoever may see the session."""
+    session = _watched_session(request, session_id)
     root = (Path(settings.RUNS_DIR) / str(session.pk)).resolve()
     target = (root / path).resolve()
     if not target.is_relative_to(root) or ".code" in target.relative_to(root).parts or not target.is_file():
@@ -132,7 +142,7 @@ EXPORTS = {
 @login_required
 def session_export(request: HttpRequest, session_id: UUID, fmt: str) -> StreamingHttpResponse:
     """The whole transcript as a download, streamed."""
-    session = _owned_session(request, session_id)
+    session = _watched_session(request, session_id)
     if fmt not in EXPORTS:
         raise Http404("No such format.")
     render, content_type = EXPORTS[fmt]

@@ -215,6 +215,9 @@ def _session_url(name: str, *extra):
 # --- the route table -----------------------------------------------------------------
 
 OWNER_ONLY = by_role(404, anonymous=LOGIN, owner=200)  # someone else's session looks exactly like a missing one
+# Staff who decide every session's approval requests also see those sessions (the queue links to them); to
+# anyone else, someone else's session looks exactly like a missing one. Its controls stay OWNER_ONLY.
+WATCHERS = by_role(404, anonymous=LOGIN, owner=200, approver=200, superuser=200)
 LOGGED_IN = by_role(200, anonymous=LOGIN)
 NOT_ALLOWED = by_role(405)
 
@@ -261,18 +264,18 @@ ROUTES: dict[str, list[Case]] = {
             data=lambda w: {"task": "Secure task", "mode": "one_shot"}, effect=_new_session_of,
         ),
     ],
-    "sessions:detail": [Case("GET", "GET", _session_url("sessions:detail"), OWNER_ONLY)],
+    "sessions:detail": [Case("GET", "GET", _session_url("sessions:detail"), WATCHERS)],
     "sessions:continue": [
         Case("GET", "GET", _session_url("sessions:continue"), NOT_ALLOWED),
         *_action_cases(("continue",), route="sessions:continue"),
     ],
-    "sessions:events": [Case("GET", "GET", lambda w: reverse("sessions:events", args=[w.session.pk]) + "?before=3", OWNER_ONLY)],
+    "sessions:events": [Case("GET", "GET", lambda w: reverse("sessions:events", args=[w.session.pk]) + "?before=3", WATCHERS)],
     "sessions:export": [
-        Case("GET md", "GET", _session_url("sessions:export", "md"), OWNER_ONLY),
-        Case("GET json", "GET", _session_url("sessions:export", "json"), OWNER_ONLY),
+        Case("GET md", "GET", _session_url("sessions:export", "md"), WATCHERS),
+        Case("GET json", "GET", _session_url("sessions:export", "json"), WATCHERS),
         Case("GET unknown format", "GET", _session_url("sessions:export", "exe"), by_role(404, anonymous=LOGIN)),
     ],
-    "sessions:file": [Case("GET", "GET", _session_url("sessions:file", "plot.png"), OWNER_ONLY)],
+    "sessions:file": [Case("GET", "GET", _session_url("sessions:file", "plot.png"), WATCHERS)],
     "sessions:action": [
         Case("GET cancel", "GET", _session_url("sessions:action", "cancel"), NOT_ALLOWED),
         *_action_cases(),
@@ -492,8 +495,9 @@ def _one_role(w: World, key: str, case: Case, role: str) -> None:
     else:
         assert snapshot() == before, f"{case.method} {url} changed something"
     body = _body(response)
-    if key.startswith("sessions:") and role != "owner":
-        # Nothing of alice's session reaches anyone else: not its id, not its task.
+    if key.startswith("sessions:") and role != "owner" and outcome != 200:
+        # Nothing of alice's session reaches anyone else it does not let in (the approvers watch it):
+        # not its id, not its task.
         assert TASK.encode() not in body and str(w.session.pk).encode() not in body
     if outcome == 404:
         # Someone else's session (or request) answers exactly as a missing one does.
@@ -528,8 +532,9 @@ def test_route_matrix(world, key, index):
 OPEN = "open"
 SOCKETS = {
     r"^ws/sessions/$": by_role(OPEN, anonymous=4401),
-    # A session that is not yours closes as an unknown one does (4403); a malformed id is 4404.
-    r"^ws/sessions/(?P<session_id>[^/]{1,64})/$": by_role(4403, anonymous=4401, owner=OPEN),
+    # A session that is not yours closes as an unknown one does (4403), unless you decide every session's
+    # approval requests; a malformed id is 4404.
+    r"^ws/sessions/(?P<session_id>[^/]{1,64})/$": by_role(4403, anonymous=4401, owner=OPEN, approver=OPEN, superuser=OPEN),
     r"^ws/approvals/$": by_role(4403, anonymous=4401, approver=OPEN, superuser=OPEN),
 }
 

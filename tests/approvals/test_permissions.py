@@ -43,7 +43,7 @@ def _pending(request: ApprovalRequest) -> bool:
 
 # What each role gets; "login" is a redirect to the login page.
 QUEUE = {"anonymous": "login", "other": 404, "staff": 404, "approver": 200, "owner": 404}
-CARD = {"anonymous": "login", "other": 404, "staff": 404, "approver": 404, "owner": "card"}
+CARD = {"anonymous": "login", "other": 404, "staff": 404, "approver": "card", "owner": "card"}  # approvers watch the session
 DECIDE = {"anonymous": "login", "other": 404, "staff": 404, "approver": "decided", "owner": "decided"}
 ADMIN = {"anonymous": "login", "other": "login", "staff": "refused", "approver": "decided", "owner": "login"}
 SOCKET = {"anonymous": 4401, "other": 4403, "staff": 4403, "approver": "open", "owner": 4403}

@@ -344,3 +344,19 @@ def test_a_batch_read_after_its_session_shows_the_status_of_its_newest_rows(alic
     assert (cursor, count) == (now.last_seq, now.last_seq) and now.status == "waiting_approval"
     assert re.search(r'id="session-status" class="badge badge--waiting_approval" data-status="waiting_approval"', html)
     assert f'data-testid="event-count">{now.last_seq}<' in html
+
+
+async def test_staff_who_decide_approvals_watch_any_session_live(alice, approver):
+    """Staff with the approvals permission see the session they decide for: its socket opens, with its events."""
+    session = await _start(alice)
+    ws = await _opened(session, approver)
+    await ws.send_json_to({"type": "hello", "after": 0})
+    assert 'data-seq="1"' in await ws.receive_from(timeout=5)
+    await ws.disconnect()
+
+
+async def test_staff_without_the_approvals_permission_are_refused(alice, django_user_model):
+    session = await _start(alice)
+    staff = await database_sync_to_async(django_user_model.objects.create_user)("dave", password="x-Pa55word!", is_staff=True)
+    cookie = await database_sync_to_async(_cookie_for)(staff)
+    assert await _closed_with(_communicator(f"/ws/sessions/{session.pk}/", cookie=cookie)) == 4403

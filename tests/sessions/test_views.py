@@ -66,6 +66,35 @@ def test_other_users_session_is_not_found(alice_client, bob):
     assert alice_client.get(session.get_absolute_url()).status_code == 404
 
 
+def test_staff_who_decide_approvals_watch_a_session_without_its_controls(client, bob, approver):
+    """The queue links to the session behind a request: staff with the approvals permission see it, told they
+    are watching, with none of the owner's controls; a control posted anyway is refused and changes nothing."""
+    session = services.session_start(owner=bob, task="Bob's spectrum", mode="one_shot")
+    client.force_login(approver)
+    response = client.get(session.get_absolute_url())
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert 'data-testid="watching"' in body and "You are watching bob's session as staff" in body
+    assert "session-head--watching" in body and "Bob&#x27;s spectrum" in body
+    assert client.get(reverse("sessions:export", kwargs={"session_id": session.pk, "fmt": "md"})).status_code == 200
+    response = client.post(reverse("sessions:action", kwargs={"session_id": session.pk, "action": "cancel"}))
+    assert response.status_code == 404
+    session.refresh_from_db()
+    assert session.status == Session.Status.QUEUED
+
+
+def test_the_owner_is_not_told_they_are_watching(alice_client, alice):
+    session = services.session_start(owner=alice, task="Mine", mode="one_shot")
+    body = alice_client.get(session.get_absolute_url()).content.decode()
+    assert 'data-testid="watching"' not in body and "session-head--watching" not in body
+
+
+def test_staff_without_the_approvals_permission_do_not_see_others_sessions(client, bob, django_user_model):
+    session = services.session_start(owner=bob, task="Bob's", mode="one_shot")
+    client.force_login(django_user_model.objects.create_user("dave", password="x-Pa55word!", is_staff=True))
+    assert client.get(session.get_absolute_url()).status_code == 404
+
+
 @pytest.mark.parametrize("path", ["/sessions/not-a-uuid/", "/sessions/00000000-0000-0000-0000-000000000000/"])
 def test_unknown_or_malformed_ids_are_404(alice_client, path):
     assert alice_client.get(path).status_code == 404
