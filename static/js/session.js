@@ -107,6 +107,15 @@
     }
   });
 
+  // A control's refusal stays until the next control is pressed: that one's answer replaces it, or, if
+  // it is accepted (204, nothing to swap), nothing does.
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var errors = document.getElementById("action-errors");
+    if (errors && evt.detail.target === errors) {
+      errors.replaceChildren();
+    }
+  });
+
   // Elapsed time of a live run ticks on between pushes.
   function pad(n) {
     return n < 10 ? "0" + n : String(n);

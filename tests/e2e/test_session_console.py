@@ -324,6 +324,13 @@ def test_resume_refused_shows_why_and_writes_nothing(e2e_server, live_server_url
     after = db["events"]
     assert after == before, f"a refused resume wrote {len(after) - len(before)} events"
     assert_matches_db(dom_transcript(page), after)
+    # The refusal stays until the next control: accepted (204, nothing swapped in), it clears it.
+    page.once("dialog", lambda dialog: dialog.accept())
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/cancel/")) as posted:
+        action(page, "cancel").click()
+    assert posted.value.status == 204
+    expect(page.locator("#action-errors")).to_be_empty()
+    expect(status_of(page)).to_have_attribute("data-status", "cancelled", timeout=RUN_TIMEOUT_MS)
     watched.assert_clean()
 
 
