@@ -42,6 +42,8 @@ class SessionForm(forms.Form):
         data = super().clean()
         if data.get("chat") and data.get("mode") != Session.Mode.COPILOT:
             self.add_error("chat", "Chat is a copilot-mode option; choose the copilot mode or clear it.")
+        if data.get("auto_continue") and not data.get("max_rounds"):
+            self.add_error("auto_continue", "Auto-continue counts round budgets: set a Round budget, or leave this at 0.")
         return data
 
     def session_kwargs(self) -> dict:

@@ -22,6 +22,22 @@ from sessions.models import Session
 logger = logging.getLogger(__name__)
 
 
+def _model_notice() -> dict:
+    """What the new-session form says of the model the team will run on: its label, and why it cannot be
+    used if it cannot (checked as a run checks it, without reaching the network)."""
+    from orchestrator.engine.models import ModelConfig, ModelConfigError, client_factory
+
+    try:
+        config = ModelConfig.from_env()
+    except ModelConfigError as exc:
+        return {"label": "", "offline": False, "problem": str(exc)}
+    try:
+        client_factory(config)
+    except ModelConfigError as exc:
+        return {"label": config.label, "offline": False, "problem": str(exc)}
+    return {"label": config.label, "offline": config.provider == "offline", "problem": ""}
+
+
 def _owned_session(request: HttpRequest, session_id: UUID) -> Session:
     """The session, if the user owns it: only its owner controls it."""
     session = selectors.session_for_user(session_id, request.user)
@@ -67,7 +83,7 @@ def session_new(request: HttpRequest) -> HttpResponse:
             else:
                 return redirect(session)
         logger.info("new session refused for user %s: %s", request.user.pk, form.errors.as_json())
-    return render(request, "sessions/new.html", {"form": form}, status=400 if form.errors else 200)
+    return render(request, "sessions/new.html", {"form": form, "model": _model_notice()}, status=400 if form.errors else 200)
 
 
 @require_GET

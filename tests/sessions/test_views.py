@@ -50,6 +50,8 @@ def test_start_session_redirects_to_its_page(alice_client, alice):
         ({"task": "", "mode": "one_shot"}, "Describe the task for the team."),
         ({"task": "x" * 100_000, "mode": "one_shot"}, "100,000 characters long; the limit is 20,000"),
         ({"task": "ok", "mode": "teleport"}, "Select a valid choice. teleport is not one of the available choices."),
+        ({"task": "ok", "mode": "one_shot", "title": "t" * 201}, "Ensure this value has at most 200 characters (it has 201)."),
+        ({"task": "ok", "mode": "one_shot", "auto_continue": "5"}, "Auto-continue counts round budgets: set a Round budget"),
     ],
 )
 def test_bad_form_input_is_explained_and_writes_nothing(alice_client, data, message):
@@ -58,6 +60,23 @@ def test_bad_form_input_is_explained_and_writes_nothing(alice_client, data, mess
     assert response.status_code == 400
     assert message in response.content.decode()
     assert not Session.objects.exists()
+
+
+def test_the_form_names_the_model_and_says_when_it_cannot_be_used(alice_client, monkeypatch):
+    """The form says which model the team runs on; one that a run would refuse is named with why, before Start."""
+    url = reverse("sessions:new")
+    monkeypatch.setenv("CMBAGENT_MODEL_PROVIDER", "offline")
+    body = alice_client.get(url).content.decode()
+    assert 'data-testid="model"' in body and "offline model" in body and "model-problem" not in body
+    monkeypatch.setenv("CMBAGENT_MODEL_PROVIDER", "openai")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    body = alice_client.get(url).content.decode()
+    assert 'data-testid="model-problem"' in body and "without an API key" in body and "offline model" not in body
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("CMBAGENT_MODEL", "tiny")
+    body = alice_client.get(url).content.decode()
+    assert "model-problem" not in body and "tiny at http://127.0.0.1:9/v1" in body
 
 
 def test_other_users_session_is_not_found(alice_client, bob):
