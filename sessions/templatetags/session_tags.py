@@ -42,6 +42,18 @@ def option_label(option: str) -> str:
 
 
 @register.filter
+def option_labels(options) -> str:
+    """The button texts of an approval's answers, in a line: "Send, Finish"."""
+    return ", ".join(option_label(str(option)) for option in options or ())
+
+
+@register.filter
+def words(name) -> str:
+    """A code name as words: copilot_turn -> copilot turn."""
+    return str(name or "").replace("_", " ")
+
+
+@register.filter
 def offered(actions, pending_approvals) -> list:
     """The session's lifecycle controls, less Continue while a round-budget card asks the same (with Stop beside it)."""
     if any(request.kind == "budget" for request in pending_approvals or ()):

@@ -478,3 +478,17 @@ def test_a_copilot_chat_turn_is_a_message_box_on_the_page(alice_client, alice):
     session = waiting_session(alice, kind="copilot_turn")
     html = alice_client.get(session.get_absolute_url()).content.decode()
     assert "Your next message to the team" in html and 'data-decision="reply"' in html and 'data-decision="finish"' in html
+
+
+def test_an_approval_event_reads_in_words_with_its_buttons_answers(alice_client, alice):
+    """The transcript names a request's kind in words and its answers as the card's buttons say them."""
+    from orchestrator.engine.events import EngineEvent, EventKind
+
+    session = services.session_start(owner=alice, task="Chat about the spectrum", mode="copilot")
+    services.event_append(
+        session_id=session.pk, run_id=None,
+        event=EngineEvent(EventKind.APPROVAL, content="Your turn: ask the team.", data={"request": "copilot_turn", "options": ["reply", "finish"]}),
+    )
+    body = alice_client.get(session.get_absolute_url()).content.decode()
+    assert "copilot turn request" in body and "copilotturn" not in body
+    assert "Answers: Send, Finish" in body
