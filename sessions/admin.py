@@ -6,19 +6,34 @@ from sessions.models import Event, Run, Session, SessionState
 
 
 class RunInline(admin.TabularInline):
+    """A session's runs, as its workers left them: shown, never edited here (a worker holds a run by its lease)."""
+
     model = Run
     extra = 0
     can_delete = False
-    readonly_fields = ["number", "status", "lease_owner", "lease_expires_at", "heartbeat_at", "error", "started_at", "finished_at"]
+    fields = readonly_fields = ["number", "status", "lease_owner", "heartbeat_at", "error", "started_at", "finished_at"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Session)
 class SessionAdmin(admin.ModelAdmin):
+    """Sessions are started, run and ended through the app (the form, the workers, the lifecycle controls):
+    here a title can be corrected and a session deleted whole; the rest is shown as it is. A status set by
+    hand would show a run that nothing runs."""
+
     list_display = ["title", "owner", "mode", "status", "last_seq", "created_at"]
     list_filter = ["status", "mode"]
     search_fields = ["title", "task", "owner__username"]
-    readonly_fields = ["id", "last_seq", "prompt_tokens", "completion_tokens", "cost_usd", "created_at", "updated_at"]
+    readonly_fields = [
+        "id", "owner", "task", "mode", "model_provider", "config", "status", "last_seq", "prompt_tokens", "completion_tokens",
+        "cost_usd", "usage", "created_at", "updated_at",
+    ]
     inlines = [RunInline]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # the new-session form starts sessions, with their state and first run
 
 
 @admin.register(Event)

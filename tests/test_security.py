@@ -326,7 +326,8 @@ _SESSION_WITH_REQUESTS = {**_SESSION_PAGES, "delete POST": (403, 403, 403)}
 ADMIN_PAGES = {
     "approvals.approvalrequest": _APPROVAL_PAGES,
     "approvals.legacyapproval": _APPROVAL_PAGES,
-    "agent_sessions.session": _SESSION_WITH_REQUESTS,
+    # Sessions are started by the form, not added in the admin; their fields but the title are read-only there.
+    "agent_sessions.session": {**_SESSION_WITH_REQUESTS, "add": (403, 403, 403), "add POST": (403, 403, 403)},
     # The log is append-only in the admin: no add, no change, no delete (view only; a session is deleted whole).
     "agent_sessions.event": {
         **_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403),
