@@ -187,6 +187,9 @@ def open_request(log: Sequence[EngineEvent]) -> EngineEvent | None:
     return None
 
 
+STEP_AGENTS = ("researcher", "engineer")  # who a plan's step can be for
+
+
 def _clean_steps(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise AnswerError("An edited plan needs at least one step.")
@@ -197,7 +200,13 @@ def _clean_steps(raw: Any) -> list[dict[str, Any]]:
         else:
             agent, description = "", str(item)
         description = re.sub(r"\s+", " ", description).strip()
-        if agent not in ("researcher", "engineer"):
+        agent = agent.strip().lower()
+        if agent and agent not in STEP_AGENTS:
+            raise AnswerError(
+                f"Step {number} of the edited plan is for {agent[:40]!r}; a step is for the {' or the '.join(STEP_AGENTS)}, "
+                "or leave out the [agent] and one is chosen from the step's words."
+            )
+        if not agent:
             agent = "engineer" if re.search(r"\b(code|compute|plot|run|simulat)", description, re.I) else "researcher"
         if not description:
             raise AnswerError(f"Step {number} of the edited plan is empty.")

@@ -215,6 +215,7 @@ async def test_waiting_log_runs_nothing_and_asks_nothing_twice(tmp_path):
         (Answer("reject"), "needs feedback"),
         (Answer("edit", edits={"steps": []}), "at least one step"),
         (Answer("edit", edits={"steps": [{"agent": "engineer", "description": "  "}]}), "empty"),
+        (Answer("edit", edits={"steps": [{"agent": "nobody", "description": "do magic"}]}), "Step 1 of the edited plan is for 'nobody'"),
         (Answer("approve", feedback="x" * 5000), "limited"),
     ],
 )
