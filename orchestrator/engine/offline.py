@@ -264,7 +264,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             feedback = re.sub(r"\s+", " ", rejected[-1].group(1) or "").strip()[:200] or "make the plan more thorough"
             # The revision takes the feedback in as a step of its own, before the conclusions.
             agent = "engineer" if re.search(r"\b(code|comput|plot|run|simulat|test)", feedback, re.I) else "researcher"
-            steps.insert(len(steps) - 1, (agent, f"Address the reviewer's feedback: {feedback}"))
+            steps.insert(len(steps) - 1, (agent, f"Address the person's feedback on the plan: {feedback}"))
             note = f"Revised after the human's feedback: \u201c{feedback}\u201d."
         plan = "\n".join(f"{i}. [{agent}] {desc}" for i, (agent, desc) in enumerate(steps, 1))
         thought = f"## Plan\n\n{plan}\n\n{note}"
