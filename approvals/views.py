@@ -67,7 +67,7 @@ KINDS = [str(kind) for kind in hitl.Request]
 
 def pending_for(user, params) -> tuple:
     """Pending requests ``user`` may decide, filtered by ``params`` (kind, age, session); shared with the queue's socket."""
-    pending = approvals.visible_to(user).filter(status=ApprovalRequest.Status.PENDING).select_related("session")
+    pending = approvals.visible_to(user).filter(status=ApprovalRequest.Status.PENDING).select_related("session", "session__owner")
     kind = params.get("kind", "")
     if kind in KINDS:
         pending = pending.filter(kind=kind)

@@ -63,7 +63,29 @@ def offered(actions, pending_approvals) -> list:
 
 @register.filter
 def steps_done(plan) -> int:
+    """Steps behind the run: done or skipped (the progress bar's value)."""
     return sum(1 for step in plan or () if isinstance(step, dict) and step.get("status") in ("done", "skipped"))
+
+
+@register.filter
+def steps_completed(plan) -> int:
+    return sum(1 for step in plan or () if isinstance(step, dict) and step.get("status") == "done")
+
+
+@register.filter
+def steps_skipped(plan) -> int:
+    return sum(1 for step in plan or () if isinstance(step, dict) and step.get("status") == "skipped")
+
+
+@register.filter
+def status_label(status) -> str:
+    """A session status as the badges say it (waiting_approval -> Waiting for approval)."""
+    from sessions.models import Session
+
+    try:
+        return Session.Status(status).label
+    except ValueError:
+        return words(status)
 
 
 @register.filter

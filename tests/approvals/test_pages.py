@@ -49,6 +49,7 @@ def test_staff_queue_lists_filters_and_decides_in_place(client, alice, approver)
     client.force_login(approver)
     html = client.get(reverse("approvals:queue")).content.decode()
     assert f"approval-{plan.pk}" in html and f"approval-{code.pk}" in html
+    assert "· alice's session" in html  # whose session each card is for
     html = client.get(reverse("approvals:queue") + "?kind=code").content.decode()
     assert f"approval-{plan.pk}" not in html and f"approval-{code.pk}" in html
     response = client.post(reverse("approvals:decide", args=[code.pk]), {"decision": "deny", "door": "staff_queue"}, HTTP_HX_REQUEST="true")

@@ -492,3 +492,20 @@ def test_an_approval_event_reads_in_words_with_its_buttons_answers(alice_client,
     body = alice_client.get(session.get_absolute_url()).content.decode()
     assert "copilot turn request" in body and "copilotturn" not in body
     assert "Answers: Send, Finish" in body
+
+
+def test_skipped_steps_are_counted_apart_and_statuses_read_as_words(alice_client, alice):
+    from orchestrator.engine.events import EngineEvent, EventKind
+    from sessions.models import SessionState
+
+    session = services.session_start(owner=alice, task="t", mode="planning_and_control")
+    plan = [
+        {"number": 1, "agent": "researcher", "description": "Read", "status": "done"},
+        {"number": 2, "agent": "engineer", "description": "Plot", "status": "skipped"},
+        {"number": 3, "agent": "engineer", "description": "Fit", "status": "done"},
+    ]
+    SessionState.objects.filter(pk=session.pk).update(plan=plan)
+    services.event_append(session_id=session.pk, run_id=None, event=EngineEvent(EventKind.STATUS, content="waiting", data={"status": "waiting_approval"}))
+    html = alice_client.get(session.get_absolute_url()).content.decode()
+    assert "Plan: 2 of 3 steps done, 1 skipped" in html and 'max="3" value="3"' in html
+    assert '<span class="badge badge--waiting_approval">Waiting for approval</span>' in html
