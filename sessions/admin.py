@@ -54,5 +54,13 @@ class EventAdmin(admin.ModelAdmin):
 
 @admin.register(SessionState)
 class SessionStateAdmin(admin.ModelAdmin):
+    """The engine's saved state, as the last checkpoint wrote it: shown, never edited here. A hand edit would be
+    a tampered checkpoint, which a resume refuses; the state changes only with the events it belongs to."""
+
     list_display = ["session", "version", "current_phase", "current_step", "updated_at"]
-    readonly_fields = ["version", "updated_at"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_add_permission(self, request) -> bool:
+        return False  # a session's state is written with its first checkpoint

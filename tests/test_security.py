@@ -311,8 +311,8 @@ _APPROVAL_PAGES = {
 
 
 def _deleted(label):
-    # Back to the changelist, or to the admin's index for a model no one may change (the event log).
-    back = "admin:index" if label == "agent_sessions.event" else f"admin:{label.replace('.', '_')}_changelist"
+    # Back to the changelist, or to the admin's index for a model no one may change (the event log, the saved state).
+    back = "admin:index" if label in ("agent_sessions.event", "agent_sessions.sessionstate") else f"admin:{label.replace('.', '_')}_changelist"
     return Did(To(lambda w, u: reverse(back)))
 
 
@@ -333,7 +333,10 @@ ADMIN_PAGES = {
         **_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403),
         "delete": (403, 403, 403), "delete POST": (403, 403, 403),
     },
-    "agent_sessions.sessionstate": _SESSION_PAGES,
+    # The saved engine state is shown, not edited or added by hand (a hand edit is a tampered checkpoint).
+    "agent_sessions.sessionstate": {
+        **_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403),
+    },
 }
 _changelist_of = lambda label: (lambda w, u: reverse(f"admin:{label.replace('.', '_')}_changelist"))  # noqa: E731
 # Actions: POSTed to the changelist with the object selected. Staff without the permission are

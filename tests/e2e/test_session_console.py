@@ -416,3 +416,18 @@ def test_main_pages_in_light_dark_and_phone_keep_to_the_csp(
         light.evaluate("() => { const s = document.createElement('script'); s.textContent = 'window.__inline = 1'; document.body.append(s); }")
     assert light.evaluate("typeof window.__inline") == "undefined", "an inline script ran: the CSP is not enforced"
     assert any("script-src" in message for message in watched.csp), watched.csp
+
+
+def test_a_long_unbroken_task_wraps_in_the_task_box_on_a_phone(live_server_url, watched, login, accounts):
+    """A task pasted as one long token (a path, a URL, a hash) wraps inside its box instead of pushing the box,
+    or the page, sideways on a narrow screen."""
+    page = watched.context(color_scheme="light", viewport=PHONE, is_mobile=True, has_touch=True).new_page()
+    login(page, accounts["alice"])
+    token = "https://example.org/data/" + "planck_2018_TT_spectrum_binned_" * 20 + "v3.fits"
+    start_session(page, live_server_url, token, "one_shot")
+    box = page.locator(".task-card .prose")
+    expect(box).to_contain_text("planck_2018_TT_spectrum_binned_")
+    widths = box.evaluate("el => ({scroll: el.scrollWidth, client: el.clientWidth})")
+    assert widths["scroll"] <= widths["client"] + 1, widths
+    page_width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert page_width <= PHONE["width"], page_width

@@ -7,7 +7,7 @@ import pytest
 from django.urls import reverse
 
 from sessions import services
-from sessions.models import Session
+from sessions.models import Session, SessionState
 
 pytestmark = pytest.mark.django_db
 
@@ -41,3 +41,18 @@ def test_a_status_cannot_be_set_by_hand_but_a_title_can(admin_client, alice):
 
 def test_sessions_are_not_added_in_the_admin(admin_client):
     assert admin_client.get(reverse("admin:agent_sessions_session_add")).status_code == 403
+
+
+def test_a_saved_state_is_shown_but_not_edited_in_the_admin(admin_client, alice):
+    session = services.session_start(owner=alice, task="Fit the spectrum", mode="one_shot")
+    state = SessionState.objects.get(session=session)
+    before = (state.version, state.current_phase, state.current_step)
+    url = reverse("admin:agent_sessions_sessionstate_change", args=[state.pk])
+    page = admin_client.get(url)
+    assert page.status_code == 200
+    assert 'name="current_phase"' not in page.content.decode()
+    response = admin_client.post(url, {"version": before[0] + 5, "current_phase": "tampered", "current_step": 9})
+    assert response.status_code == 403
+    state.refresh_from_db()
+    assert (state.version, state.current_phase, state.current_step) == before
+    assert admin_client.get(reverse("admin:agent_sessions_sessionstate_add")).status_code == 403
