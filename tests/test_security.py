@@ -323,20 +323,17 @@ _SESSION_PAGES = {
 # A session with approval requests cannot be deleted, not even by a superuser: the cascade would
 # take requests nobody may delete (the audit trail stays).
 _SESSION_WITH_REQUESTS = {**_SESSION_PAGES, "delete POST": (403, 403, 403)}
+# Shown, not added or edited by hand.
+_VIEW_ONLY = {**_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403)}
 ADMIN_PAGES = {
     "approvals.approvalrequest": _APPROVAL_PAGES,
     "approvals.legacyapproval": _APPROVAL_PAGES,
     # Sessions are started by the form, not added in the admin; their fields but the title are read-only there.
     "agent_sessions.session": {**_SESSION_WITH_REQUESTS, "add": (403, 403, 403), "add POST": (403, 403, 403)},
     # The log is append-only in the admin: no add, no change, no delete (view only; a session is deleted whole).
-    "agent_sessions.event": {
-        **_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403),
-        "delete": (403, 403, 403), "delete POST": (403, 403, 403),
-    },
+    "agent_sessions.event": {**_VIEW_ONLY, "delete": (403, 403, 403), "delete POST": (403, 403, 403)},
     # The saved engine state is shown, not edited or added by hand (a hand edit is a tampered checkpoint).
-    "agent_sessions.sessionstate": {
-        **_SESSION_PAGES, "add": (403, 403, 403), "add POST": (403, 403, 403), "change POST": (403, 403, 403),
-    },
+    "agent_sessions.sessionstate": _VIEW_ONLY,
 }
 _changelist_of = lambda label: (lambda w, u: reverse(f"admin:{label.replace('.', '_')}_changelist"))  # noqa: E731
 # Actions: POSTed to the changelist with the object selected. Staff without the permission are
